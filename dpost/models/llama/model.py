@@ -1,0 +1,261 @@
+"""Llama-family decoder (Llama 2/3, TinyLlama, SmolLM2) as a Flax linen module.
+
+Layers are scanned (`nn.scan`): parameters carry a leading `layers` axis, which keeps compile time
+independent of depth. Attention supports any number of KV heads (grouped-query attention) and an
+explicit KV cache for the sampler. Every family module exposes the same three entry points used by
+scoring, training and sampling:
+
+  completion_logits(prompt, prompt_mask, completion, completion_mask) -> [B, C, V]
+  prefill(prompt, prompt_mask, max_new_tokens, num_samples) -> (logits [B*n, V], state)
+  decode_step(tokens [B*n], state) -> (logits [B*n, V], state)
+
+Prompts are left-padded so that every row's last prompt token sits at the same slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpost.models import layers
+from dpost.models.layers import NEG_INF, RMSNorm, constrain, param_with_axes
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    # Llama-3.1 style frequency scaling: None or dict(factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings).
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
+    remat: bool = False
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def rope_frequencies(config: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], with optional Llama-3.1 scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in transformers' half-split layout. x: [B, T, N, D]; positions: [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache, cache_index):
+        cfg = self.config
+        dt = cfg.compute_dtype
+        init = nn.initializers.normal(0.02)
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = param_with_axes(self, "q", init, (d, h, hd), ("embed", "heads", "head_dim"))
+        wk = param_with_axes(self, "k", init, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        wv = param_with_axes(self, "v", init, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        wo = param_with_axes(self, "o", init, (h, hd, d), ("heads", "head_dim", "embed"))
+
+        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))
+        k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dt))
+        v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dt))
+        inv_freq = rope_frequencies(cfg)
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+        k = apply_rope(k, positions, inv_freq)
+
+        if cache is not None:  # write this step's keys/values into the cache, attend over all of it
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            cache = {"k": k, "v": v}
+            k, v = k.astype(dt), v.astype(dt)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, kv, h // kv, hd)  # group query heads by their shared KV head
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, h, hd)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt = cfg.compute_dtype
+        init = nn.initializers.normal(0.02)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate = param_with_axes(self, "gate", init, (d, f), ("embed", "mlp"))
+        up = param_with_axes(self, "up", init, (d, f), ("embed", "mlp"))
+        down = param_with_axes(self, "down", init, (f, d), ("mlp", "embed"))
+        hidden = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+        return hidden @ down.astype(dt)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index, cache):
+        cfg = self.config
+        h, cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, mask, cache, cache_index
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = param_with_axes(
+            self, "embed", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
+        )
+        layer = DecoderLayer
+        if cfg.remat:
+            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param_with_axes(
+                self, "lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")
+            )
+
+    # -- core -------------------------------------------------------------------------------------
+    def hidden_states(self, tokens, positions, mask, cache=None, cache_index=None):
+        """tokens/positions [B, T]; mask [B, T, S] (S = T, or the cache length). -> ([B, T, D], cache)."""
+        dt = self.config.compute_dtype
+        x = jnp.take(self.embed, tokens, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        x, cache = self.layers(x, positions, mask, index, cache)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden):
+        dt = self.config.compute_dtype
+        head = self.embed.T if self.config.tie_word_embeddings else self.lm_head
+        return constrain(hidden @ head.astype(dt), ("batch", "length", "act_vocab"))
+
+    def __call__(self, tokens, positions=None, mask=None, cache=None, cache_index=None):
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if mask is None:
+            mask = layers.causal_padding_mask(jnp.ones(tokens.shape, bool))
+        hidden, cache = self.hidden_states(tokens, positions, mask, cache, cache_index)
+        return self.logits(hidden), cache
+
+    # -- family interface ---------------------------------------------------------------------------
+    def completion_logits(self, prompt, prompt_mask, completion, completion_mask, segment_ids=None):
+        """Logits predicting each completion token: [B, C, V]. Prompt left-padded, completion right-padded."""
+        p = prompt.shape[1]
+        tokens = jnp.concatenate([prompt, completion], axis=1)
+        valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+        hidden, _ = self.hidden_states(
+            tokens, layers.positions_from_mask(valid), layers.causal_padding_mask(valid, segment_ids)
+        )
+        # Only the positions that predict completion tokens reach the (vocab-sized) head.
+        return self.logits(hidden[:, p - 1 : -1])
+
+    def init_cache(self, batch: int, length: int):
+        cfg = self.config
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+    def prefill(self, prompt, prompt_mask, max_new_tokens: int, num_samples: int = 1):
+        b, p = prompt.shape
+        valid = prompt_mask.astype(bool)
+        positions = layers.positions_from_mask(valid)
+        cache = self.init_cache(b, p + max_new_tokens)
+        kv_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+        mask = jnp.tril(jnp.ones((p, p + max_new_tokens), bool))[None] & kv_valid[:, None, :]
+        hidden, cache = self.hidden_states(prompt, positions, mask, cache, 0)
+        logits = self.logits(hidden[:, -1:])[:, 0]
+        state = {
+            "cache": layers.repeat_batch(cache, num_samples, axis=1),
+            "kv_valid": kv_valid,
+            "next_position": positions[:, -1] + 1,
+            "index": jnp.asarray(p, jnp.int32),
+        }
+        state["kv_valid"], state["next_position"] = layers.repeat_batch(
+            (state["kv_valid"], state["next_position"]), num_samples
+        )
+        return layers.repeat_batch(logits, num_samples), state
+
+    def decode_step(self, tokens, state):
+        index = state["index"]
+        kv_valid = jax.lax.dynamic_update_slice(
+            state["kv_valid"], jnp.ones((tokens.shape[0], 1), bool), (0, index)
+        )
+        positions = state["next_position"][:, None]
+        hidden, cache = self.hidden_states(tokens[:, None], positions, kv_valid[:, None, :], state["cache"], index)
+        new_state = {"cache": cache, "kv_valid": kv_valid, "next_position": state["next_position"] + 1, "index": index + 1}
+        return self.logits(hidden)[:, 0], new_state
+
+
+def make_module(config: LlamaConfig) -> Llama:
+    return Llama(config)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> Any:
+    """Random boxed params (LogicallyPartitioned leaves); `nn.unbox` strips the axis metadata."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return Llama(config).init(rng, tokens)["params"]
+CONFIG_CLASS = LlamaConfig

@@ -1,0 +1,117 @@
+"""Device mesh and logical-axis sharding rules: the one place that maps names to mesh axes.
+
+Every parameter and key activation carries logical axis names (`vocab`, `embed`, `heads`, ...).
+`DEFAULT_RULES` maps them to the mesh axes `data`, `fsdp` and `tensor` (t5x/MaxText style); a config
+may override the table (`config.sharding.rules`). A mesh axis that does not divide a parameter's
+dimension is dropped for that parameter (e.g. 3 KV heads on a 2-way `tensor` axis are replicated).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("relpos_buckets", None),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor); one size may be -1 meaning "all remaining devices"."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {"data": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {shape}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def rules_from_config(rules: Any | None) -> tuple[tuple[str, Any], ...]:
+    """Accepts a sequence of (name, axes) pairs or a mapping; None gives DEFAULT_RULES."""
+    if rules is None:
+        return DEFAULT_RULES
+    items = rules.items() if hasattr(rules, "items") else rules
+    return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in items)
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes that do not evenly divide the dimension they would shard."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            fitted.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        kept = []
+        for name in names:
+            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
+                kept.append(name)
+        fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*fitted)
+
+
+def logical_to_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> NamedSharding:
+    spec = nn.logical_to_mesh_axes(tuple(axes), rules_from_config(rules))
+    return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+
+
+def param_shardings(boxed_abstract: Any, mesh: Mesh, rules=None) -> Any:
+    """Shardings for every parameter from its logical axis names (boxed abstract params in)."""
+    specs = nn.get_partition_spec(boxed_abstract)  # logical names per leaf
+    shapes = nn.unbox(boxed_abstract)
+    return jax.tree.map(
+        lambda spec, x: logical_to_sharding(tuple(spec), x.shape, mesh, rules),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+    """Sharding for a host batch array whose leading axis is `batch`."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules_from_config(rules))
+    return NamedSharding(mesh, spec)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh | None, rules=None):
+    """Context under which `nn.with_logical_constraint` inside models resolves against `mesh`."""
+    if mesh is None:
+        yield
+        return
+    with mesh, nn.logical_axis_rules(rules_from_config(rules)):
+        yield
