@@ -26,6 +26,7 @@ class TensorRule:
     to_dpost: Callable[[np.ndarray], np.ndarray] = _identity
     to_external: Callable[[np.ndarray], np.ndarray] = _identity
     stacked: bool = False  # one external tensor per layer, stacked along dpost's leading `layers` axis
+    num_layers: int | None = None  # depth of this stack when it differs from the call's (e.g. T5 decoder)
 
 
 def import_params(
@@ -50,7 +51,9 @@ def import_params(
     out = {}
     for rule in rules:
         expected = tuple(flat_abstract[rule.path].shape)
-        names = [rule.name.format(layer=i) for i in range(num_layers)] if rule.stacked else [rule.name]
+        depth = rule.num_layers if rule.num_layers is not None else num_layers
+        names = [rule.name.format(layer=i) for i in range(depth)] if rule.stacked else [rule.name]
+        piece_shape = expected[1:] if rule.stacked else expected
         pieces = []
         for name in names:
             try:
@@ -58,18 +61,16 @@ def import_params(
             except KeyError:
                 raise ValueError(f"{source}: missing tensor {name!r} (for param {'/'.join(rule.path)})") from None
             try:
-                pieces.append(rule.to_dpost(tensor))
-            except ValueError as err:  # reshape of a wrongly sized tensor
+                piece = rule.to_dpost(tensor)
+            except ValueError:  # a reshape of a wrongly sized tensor
+                piece = None
+            if piece is None or piece.shape != piece_shape:
                 raise ValueError(
                     f"{source}: tensor {name!r} has shape {tensor.shape}, which does not match the config "
-                    f"(param {'/'.join(rule.path)} expects {expected}): {err}"
-                ) from None
+                    f"(param {'/'.join(rule.path)} expects {piece_shape} per tensor)"
+                )
+            pieces.append(piece)
         value = np.stack(pieces) if rule.stacked else pieces[0]
-        if value.shape != expected:
-            raise ValueError(
-                f"{source}: tensor {rule.name!r} gives shape {value.shape} for param {'/'.join(rule.path)}, "
-                f"but the config expects {expected}"
-            )
         sharding = flat_shardings.get(rule.path)
         out[rule.path] = jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
     return traverse_util.unflatten_dict(out)
@@ -82,7 +83,7 @@ def export_tensors(rules: list[TensorRule], params: Mapping, num_layers: int) ->
     for rule in rules:
         value = np.asarray(jax.device_get(flat[rule.path]), dtype=np.float32)
         if rule.stacked:
-            for i in range(num_layers):
+            for i in range(rule.num_layers if rule.num_layers is not None else num_layers):
                 tensors[rule.name.format(layer=i)] = np.ascontiguousarray(rule.to_external(value[i]))
         else:
             tensors[rule.name] = np.ascontiguousarray(rule.to_external(value))

@@ -39,14 +39,18 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
-    # Llama-3.1 style frequency scaling: None or dict(factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings).
-    rope_scaling: dict | None = None
+    # Llama-3.1 style frequency scaling: None or (key, value) pairs of factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings (pairs, not a dict: configs must hash for jit).
+    rope_scaling: tuple | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
     remat: bool = False
+
+    def __post_init__(self):
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), float(v)) for k, v in dict(self.rope_scaling).items())))
 
     @property
     def compute_dtype(self):
@@ -60,9 +64,9 @@ def rope_frequencies(config: LlamaConfig) -> jax.Array:
     """Inverse frequencies [head_dim // 2], with optional Llama-3.1 scaling."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    scaling = config.rope_scaling
-    if not scaling:
+    if not config.rope_scaling:
         return inv_freq
+    scaling = dict(config.rope_scaling)
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     old_len = scaling["original_max_position_embeddings"]

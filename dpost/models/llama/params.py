@@ -76,7 +76,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         torch_dtype="float32",
     )
     if cfg.rope_scaling:
-        out["rope_scaling"] = dict(cfg.rope_scaling, rope_type="llama3", rope_theta=cfg.rope_theta)
+        out["rope_scaling"] = dict(dict(cfg.rope_scaling), rope_type="llama3", rope_theta=cfg.rope_theta)
     return out
 
 
