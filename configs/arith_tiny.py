@@ -1,0 +1,39 @@
+"""CPU default: DPO-ST on a synthetic multi-step arithmetic task with a tiny Llama trained from scratch.
+
+The whole loop (warm-up SFT, 3 iterations of sample -> pairs -> DPO -> sample -> pseudo-labels -> SFT)
+runs in minutes on 2 CPU cores. The task and model size were fixed so that warm-up SFT lands between
+20% and 60% held-out accuracy before any ST / DPO-ST result was looked at (README, "CPU default").
+"""
+
+from dpost import defaults
+
+
+def get_config():
+    c = defaults.base_config()
+    c.seed = 0
+    c.model.source = "scratch"
+    c.model.family = "llama"
+    c.model.scratch = dict(
+        hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512,
+        tokenizer_vocab_size=384,
+    )
+    c.data.source = "synthetic"
+    c.data.synthetic = dict(n_train=1000, n_dev=200, n_test=500, min_steps=2, max_steps=4, max_start=50,
+                            max_operand=20, max_factor=5, max_value=999)
+    c.data.eval_splits = ("dev", "test")
+    c.data.max_prompt_len = 128
+    c.data.max_target_len = 96
+
+    c.sft.epochs = 6
+    c.sft.batch_size = 32
+    c.sft.optimizer.learning_rate = 3e-3
+    c.dpo.steps = 40
+    c.dpo.batch_size = 32
+    c.dpo.optimizer.learning_rate = 1e-4
+    c.dpo.eval_pairs = 64
+    for name in ("pairs", "labels", "eval"):
+        c.sampling[name].max_new_tokens = 96
+        c.sampling[name].batch_size = 256
+    c.checkpoint.every_steps = 50
+    return c

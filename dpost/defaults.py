@@ -1,0 +1,124 @@
+"""The DPO-ST release's protocol as one base config: every number of the protocol is a field here.
+
+`configs/*.py` start from `base_config()` and override what differs per model (learning rates,
+batch sizes, mesh). Field meanings are documented inline; `python -m dpost.main --config C
+--config.a.b=v` overrides any of them, and an unknown field is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optimizer_fields(**overrides) -> ml_collections.ConfigDict:
+    """AdamW with linear warm-up and cosine decay to min_lr_rate * peak (the release's schedule)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            learning_rate=3e-4,
+            weight_decay=0.01,
+            warmup_ratio=0.1,
+            min_lr_rate=0.1,  # cosine decays to 10% of the peak learning rate
+            max_grad_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def sampling_fields(**overrides) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(
+        dict(num_samples=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=300, batch_size=64, calculator=True)
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "dpo_st"  # sft (warm-up only) | st (self-training without DPO) | dpo_st
+    c.mode = "train"  # train | eval (evaluate eval.checkpoint alone, writes eval.json)
+    c.seed = 42  # the release's seed
+    c.iterations = 3  # K
+    c.progress = True  # progress bars on long stages
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            source="",  # hf:<dir or hub id> | gguf:<file> | orbax:<dir> | scratch (random init from model.scratch)
+            family="",  # llama | t5 (needed for scratch; read from the checkpoint otherwise)
+            dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
+            remat=False,  # rematerialise each layer in training (saves activation memory)
+            # scratch models: family config fields (LlamaConfig / T5Config) and a tokenizer to train
+            scratch=ml_collections.ConfigDict(),
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="local",  # local (data.dir or $DPOST_DATA_DIR) | hub (openai/gsm8k) | synthetic
+            dir="",  # folder holding gsm8k/{train,dev,test}.jsonl; "" -> $DPOST_DATA_DIR
+            max_train=0,  # use only the first N training questions (0 = all)
+            max_eval=0,  # evaluate on the first N of each eval split (0 = all)
+            eval_splits=("dev", "test"),
+            ood=(),  # any of multiarith, svamp, asdiv (evaluation only)
+            max_prompt_len=256,
+            max_target_len=384,
+            synthetic=ml_collections.ConfigDict(),  # generator settings when source == synthetic
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=ml_collections.FieldReference(None, field_type=object)))
+
+    # Warm-up and per-iteration SFT (restarts from the pre-trained model each iteration).
+    c.sft = ml_collections.ConfigDict(
+        dict(
+            epochs=8,
+            max_steps=0,  # > 0 caps the number of optimizer steps
+            batch_size=96,  # global batch (sequences per optimizer step)
+            grad_accum=1,
+            optimizer=optimizer_fields(learning_rate=3e-4),
+            packing=False,  # decoder-only: pack several examples per row
+        )
+    )
+
+    c.dpo = ml_collections.ConfigDict(
+        dict(
+            beta=0.1,
+            loss_type="sigmoid",  # sigmoid | ipo | hinge | robust
+            label_smoothing=0.0,
+            rpo_alpha=0.0,  # > 0 adds an NLL term on chosen completions
+            steps=150,
+            batch_size=96,  # pairs per optimizer step
+            grad_accum=1,
+            optimizer=optimizer_fields(learning_rate=7e-7),
+            reference="precomputed",  # precomputed (harvested/scored once) | in_step
+            eval_pairs=320,  # the first N pairs double as the DPO eval set
+        )
+    )
+
+    c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7))
+    c.pseudo_labels = ml_collections.ConfigDict(dict(dedup_threshold=0.7, cap_percentile=90))
+
+    c.sampling = ml_collections.ConfigDict(
+        dict(
+            pairs=sampling_fields(num_samples=5, temperature=0.7),
+            labels=sampling_fields(num_samples=3, temperature=0.7),
+            eval=sampling_fields(num_samples=1, temperature=0.0, batch_size=96),
+        )
+    )
+
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            checkpoint="",  # mode=eval: orbax:<dir> | hf:<dir> | gguf:<file>
+            every_stage=True,  # evaluate SFT_k and DPO_k after each stage
+            pass_at_k=0,  # > 0: also sample k rationales per question for pass@k and maj@k
+            pass_at_k_temperature=0.7,
+        )
+    )
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2))
+    c.log_every = 10
+    return c

@@ -1,0 +1,62 @@
+"""dpost's one command.
+
+    python -m dpost.main --config configs/arith_tiny.py [--config.a.b=v ...] [--workdir DIR]
+
+Runs DPO-ST (or `method=sft|st`) end to end and writes WORKDIR/results.json, report.md and
+accuracy.png; rerunning with the same workdir resumes. `--config.mode=eval
+--config.eval.checkpoint=orbax:<dir>` evaluates one model and writes WORKDIR/eval.json.
+Multi-host: `jax.distributed.initialize()` runs when the environment is multi-process (Cloud TPU
+pod, SLURM) or when --coordinator/--num_processes/--process_id are given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://); default runs/<config name>.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host without auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.join("runs", name)
+
+
+def main(argv) -> int:
+    del argv
+    from dpost import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from dpost import driver
+
+    config = _CONFIG.value
+    config_path = flags.FLAGS["config"].config_filename
+    workdir = _WORKDIR.value or default_workdir(config_path)
+    try:
+        if config.mode == "eval":
+            driver.evaluate_checkpoint(config, workdir, config_path=config_path)
+        elif config.mode == "train":
+            driver.run(config, workdir, config_path=config_path)
+        else:
+            raise ValueError(f"config field 'mode' must be 'train' or 'eval', got {config.mode!r}")
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, non-zero exit
+        logging.error("%s", err)
+        print(f"dpost: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    flags.mark_flag_as_required("config")
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()
