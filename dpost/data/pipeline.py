@@ -1,0 +1,287 @@
+"""Tokenization, fixed-shape numpy batches and grain input pipelines.
+
+One place decides where special tokens go, so training, sampling and scoring agree:
+
+* llama: prompt = BOS + tokens(prompt_text); completion = tokens(target_text) + EOS. The two are
+  tokenized *jointly* and split, as the release (and TRL) do, so a completion's first token is the
+  one the model sees after the prompt (SentencePiece would otherwise add a word-start marker).
+* t5: prompt (encoder input) = tokens(prompt_text) + EOS; completion (decoder targets) =
+  tokens(target_text) + EOS, as ``T5TokenizerFast`` does by default. The decoder start token is the
+  model's business, not part of the completion.
+
+Tokenizers are always called with ``add_special_tokens=False`` and the specials added here, so a
+tokenizer's own post-processor cannot double them. Lengths include the special tokens.
+
+Batches are dicts of numpy arrays: ``prompt``/``prompt_mask`` [B, P] left-padded, and for each
+completion key (``completion``, or ``chosen`` and ``rejected`` for preference pairs) ``X``/``X_mask``
+[B, C] right-padded, plus ``valid`` [B] (0 for batch-filling rows). P and C are the next power of
+two (at least 16) of the longest row, capped at the configured maximum: few distinct shapes, so
+few recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from dpost.data.formatting import FAMILIES
+
+log = logging.getLogger(__name__)
+
+# (max prompt tokens, max completion tokens) per family, as the release (protocol "Lengths").
+MAX_LENGTHS = {"t5": (200, 300), "llama": (256, 384)}
+MIN_BUCKET = 16
+COMPLETION_KEYS = ("completion", "chosen", "rejected")
+
+Item = dict[str, np.ndarray]  # "prompt" and one or more COMPLETION_KEYS; {} is a filler row
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
+    """(bos, eos, pad) ids; pad falls back to 0 when the tokenizer has none."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.bos_token_id, tokenizer.eos_token_id, 0 if pad is None else pad
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt(tokenizer: Any, family: str, prompt_text: str) -> list[int]:
+    """Prompt ids with the family's special tokens (llama: BOS first; t5: EOS last)."""
+    _check_family(family)
+    bos, eos, _ = special_ids(tokenizer)
+    ids = _ids(tokenizer, prompt_text)
+    if family == "llama":
+        return ([bos] if bos is not None else []) + ids
+    return ids + ([eos] if eos is not None else [])
+
+
+def encode_example(tokenizer: Any, family: str, prompt_text: str,
+                   target_text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) with special tokens; completion ends with EOS."""
+    _check_family(family)
+    bos, eos, _ = special_ids(tokenizer)
+    tail = [eos] if eos is not None else []
+    if family == "t5":
+        return encode_prompt(tokenizer, family, prompt_text), _ids(tokenizer, target_text) + tail
+    prompt = _ids(tokenizer, prompt_text)
+    full = _ids(tokenizer, prompt_text + target_text)
+    start = len(prompt)
+    if full[:start] != prompt:  # the last prompt token merged with the target's first: move it
+        start -= 1
+    head = [bos] if bos is not None else []
+    return head + full[:start], full[start:] + tail
+
+
+def bucket_length(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (at least ``minimum``), capped at ``cap``."""
+    size = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    return min(size, cap)
+
+
+def _pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(seqs), length), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        if n > length:
+            raise ValueError(f"sequence of {n} tokens does not fit length {length}")
+        if n:
+            sl = slice(length - n, length) if left else slice(0, n)
+            ids[i, sl] = s
+            mask[i, sl] = 1
+    return ids, mask
+
+
+def collate(items: Sequence[Item], *, pad_id: int, max_prompt_len: int, max_completion_len: int,
+            batch_size: int | None = None, min_bucket: int = MIN_BUCKET,
+            keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Pad tokenized items into one fixed-shape batch (see module doc). Empty dicts are filler
+    rows (``valid`` 0); ``batch_size`` pads the batch dimension with filler rows. ``keys``: the
+    completion keys, inferred from the first real item (needed when every row is filler)."""
+    items = list(items)
+    if batch_size is not None:
+        if len(items) > batch_size:
+            raise ValueError(f"{len(items)} items do not fit batch_size {batch_size}")
+        items += [{}] * (batch_size - len(items))
+    real = [it for it in items if it]
+    if keys is None:
+        if not real:
+            raise ValueError("cannot infer completion keys from a batch of filler rows; pass keys")
+        keys = [k for k in COMPLETION_KEYS if k in real[0]]
+    empty: list[int] = []
+    p_len = bucket_length(max((len(it["prompt"]) for it in real), default=0), max_prompt_len, min_bucket)
+    c_len = bucket_length(max((len(it[k]) for it in real for k in keys), default=0),
+                          max_completion_len, min_bucket)
+    batch: dict[str, np.ndarray] = {}
+    batch["prompt"], batch["prompt_mask"] = _pad([it.get("prompt", empty) for it in items], p_len, pad_id, True)
+    for k in keys:
+        batch[k], batch[f"{k}_mask"] = _pad([it.get(k, empty) for it in items], c_len, pad_id, False)
+    batch["valid"] = np.array([1 if it else 0 for it in items], dtype=np.int32)
+    return batch
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """Tokenized items that fit the length limits, and how many were filtered out."""
+
+    items: list[Item]
+    num_filtered: int
+
+
+def _fits(item: Item, max_prompt_len: int, max_completion_len: int) -> bool:
+    return len(item["prompt"]) <= max_prompt_len and all(
+        len(item[k]) <= max_completion_len for k in COMPLETION_KEYS if k in item)
+
+
+def _truncate(item: Item, max_prompt_len: int, max_completion_len: int) -> Item:
+    """Keep the prompt's last tokens (its instruction tail) and each completion's first tokens."""
+    out = {"prompt": item["prompt"][-max_prompt_len:]}
+    out.update({k: v[:max_completion_len] for k, v in item.items() if k in COMPLETION_KEYS})
+    return out
+
+
+def tokenize_item(tokenizer: Any, family: str, prompt_text: str, *completions: str,
+                  keys: Sequence[str] = ("completion",)) -> Item:
+    """One item: the prompt and each completion under ``keys`` (e.g. ("chosen", "rejected"))."""
+    if completions and len(completions) != len(keys):
+        raise ValueError(f"{len(completions)} completions for keys {keys}")
+    if not completions:
+        return {"prompt": np.asarray(encode_prompt(tokenizer, family, prompt_text), np.int32)}
+    encoded = [encode_example(tokenizer, family, prompt_text, text) for text in completions]
+    prompt = encoded[0][0]
+    if any(p != prompt for p, _ in encoded):
+        # Joint tokenization moved a merged token for some completion only; the prompt must be
+        # shared, so tokenize the prompt and the completions separately instead.
+        prompt = encode_prompt(tokenizer, family, prompt_text)
+        _, eos, _ = special_ids(tokenizer)
+        encoded = [(prompt, _ids(tokenizer, text) + ([eos] if eos is not None else []))
+                   for text in completions]
+    item: Item = {"prompt": np.asarray(prompt, np.int32)}
+    item.update({key: np.asarray(c, np.int32) for key, (_, c) in zip(keys, encoded)})
+    return item
+
+
+def tokenize_examples(examples: Sequence[tuple[str, str]], tokenizer: Any, family: str, *,
+                      max_prompt_len: int, max_completion_len: int) -> Tokenized:
+    """Tokenize (prompt_text, target_text) pairs; over-length examples are dropped and counted."""
+    return _tokenize_all([tokenize_item(tokenizer, family, p, t) for p, t in examples],
+                         max_prompt_len, max_completion_len, "examples")
+
+
+def tokenize_pairs(pairs: Sequence[tuple[str, str, str]], tokenizer: Any, family: str, *,
+                   max_prompt_len: int, max_completion_len: int) -> Tokenized:
+    """Tokenize (prompt_text, chosen_text, rejected_text) triples into chosen/rejected items."""
+    items = [tokenize_item(tokenizer, family, p, c, r, keys=("chosen", "rejected")) for p, c, r in pairs]
+    return _tokenize_all(items, max_prompt_len, max_completion_len, "preference pairs")
+
+
+def _tokenize_all(items: list[Item], max_prompt_len: int, max_completion_len: int, what: str) -> Tokenized:
+    kept = [it for it in items if _fits(it, max_prompt_len, max_completion_len)]
+    n_filtered = len(items) - len(kept)
+    if n_filtered:
+        log.info("filtered %d of %d %s longer than %d prompt / %d completion tokens",
+                 n_filtered, len(items), what, max_prompt_len, max_completion_len)
+    return Tokenized(kept, n_filtered)
+
+
+def make_batch(examples: Sequence[tuple[str, ...] | str], tokenizer: Any, family: str, *,
+               max_prompt_len: int | None = None, max_completion_len: int | None = None,
+               batch_size: int | None = None, truncate: bool = False) -> dict[str, np.ndarray]:
+    """Tokenize and pad in one call (for samplers, scoring and tests).
+
+    ``examples``: prompt strings (prompt-only batch), (prompt, target) pairs (``completion``) or
+    (prompt, chosen, rejected) triples (``chosen``/``rejected``); texts already formatted with
+    ``dpost.data.formatting``. Over-length rows raise unless ``truncate``.
+    """
+    default_p, default_c = MAX_LENGTHS.get(family, (None, None))
+    max_p = max_prompt_len or default_p
+    max_c = max_completion_len or default_c
+    items = []
+    for ex in examples:
+        ex = (ex,) if isinstance(ex, str) else tuple(ex)
+        if len(ex) not in (1, 2, 3):
+            raise ValueError(f"expected a prompt, (prompt, target) or (prompt, chosen, rejected); got {len(ex)} texts")
+        keys = ((), ("completion",), ("chosen", "rejected"))[len(ex) - 1]
+        item = tokenize_item(tokenizer, family, ex[0], *ex[1:], keys=keys)
+        if not _fits(item, max_p, max_c):
+            if not truncate:
+                raise ValueError(f"example longer than {max_p} prompt / {max_c} completion tokens: "
+                                 f"{ex[0][:60]!r}...")
+            item = _truncate(item, max_p, max_c)
+        items.append(item)
+    _, _, pad = special_ids(tokenizer)
+    return collate(items, pad_id=pad, max_prompt_len=max_p, max_completion_len=max_c, batch_size=batch_size)
+
+
+def num_batches(n_items: int, batch_size: int, *, num_epochs: int = 1, shard_count: int = 1,
+                drop_remainder: bool = True) -> int:
+    """Batches per host that ``make_loader`` yields for ``n_items`` items over ``num_epochs``.
+
+    Training batches run on across epoch boundaries (only the very last partial batch is
+    dropped), so ``num_epochs`` epochs take ``floor(num_epochs * n_per_host / batch_size)`` steps.
+    """
+    if drop_remainder:
+        return (n_items // shard_count) * num_epochs // batch_size
+    return -(-n_items // (shard_count * batch_size)) * num_epochs
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import grain
+
+        opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        return opts.shard_index, opts.shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    return shard_index, shard_count
+
+
+def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prompt_len: int,
+                max_completion_len: int, seed: int = 0, shuffle: bool = True,
+                num_epochs: int | None = None, drop_remainder: bool = True,
+                shard_index: int | None = None, shard_count: int | None = None,
+                min_bucket: int = MIN_BUCKET) -> Iterator[dict[str, np.ndarray]]:
+    """A grain iterator of per-host batches; checkpoint it with ``get_state()``/``set_state()``.
+
+    Each host takes a fixed shard (``shard_index`` of ``shard_count``; default: the JAX process),
+    reshuffled every epoch from ``seed``. ``num_epochs=None`` repeats forever (step-driven
+    training). Training (``drop_remainder``): shards are cut to equal length, batches run on across
+    epoch boundaries and a final partial batch is dropped, so every host runs the same number of
+    steps (``num_batches``). Evaluation (``drop_remainder=False``,
+    usually ``shuffle=False``): the data are padded with filler rows (``valid`` 0) to whole
+    batches on every host, so nothing is lost and hosts stay in lockstep.
+    """
+    import grain
+
+    index, count = _shard(shard_index, shard_count)
+    rows: list[Item] = list(items)
+    keys = next(([k for k in COMPLETION_KEYS if k in it] for it in rows if it), None)
+    if keys is None:
+        raise ValueError("make_loader needs at least one item")
+    if drop_remainder:
+        rows = rows[: len(rows) // count * count]
+    else:
+        rows += [{}] * (-len(rows) % (count * batch_size))
+    ds = grain.MapDataset.source(rows)[index::count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)  # reshuffles each epoch with a seed derived from ``seed``
+
+    def batch_fn(chunk: Sequence[Item]) -> dict[str, np.ndarray]:
+        return collate(chunk, pad_id=pad_id, max_prompt_len=max_prompt_len,
+                       max_completion_len=max_completion_len, batch_size=batch_size,
+                       min_bucket=min_bucket, keys=keys)
+
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    # Items are tokenized up front; collation is cheap, so a small prefetch suffices.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

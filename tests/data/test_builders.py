@@ -1,0 +1,139 @@
+"""Preference pairs and pseudo-labels on hand-made cases whose answers are worked out by hand
+(similarities are Jaccard over whitespace-token sets), plus counts on a small real sample."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import data_dir
+from dpost.data import builders, formatting, gsm8k
+from dpost.data.builders import Label, Pair, QuestionSamples, build_pairs, build_pseudo_labels, jaccard, token_set
+
+
+def q(samples, gold_rationale="a b c #### 1", gold=1.0, qid="q1", question="Q?"):
+    return QuestionSamples(qid, question, gold_rationale, gold, list(samples))
+
+
+def test_token_set_and_jaccard():
+    assert token_set("a b  a\nc") == {"a", "b", "c"}
+    assert token_set("ab", tokenize=list) == {"a", "b"}
+    assert jaccard(token_set("a b c"), token_set("b c d")) == 2 / 4
+    assert jaccard(frozenset(), frozenset()) == 1.0
+    assert jaccard(token_set("a"), frozenset()) == 0.0
+
+
+def test_question_without_negative_is_skipped():
+    # every sample is correct ("1.0" and "1," parse to 1.0): no negative, no pair
+    assert build_pairs([q(["x #### 1", "y #### 1.0", "z #### 1,"])], "llama") == []
+
+
+def test_invalid_answer_counts_as_negative_and_gold_is_first_positive():
+    # No correct sample at all: the gold rationale is the only positive.
+    pairs = build_pairs([q(["I do not know"])], "llama")
+    assert pairs == [Pair("q1", "Q?", "a b c #### 1", "I do not know")]
+
+
+def test_gold_is_formatted_for_the_family():
+    raw = "2+2=<<2+2=4>>4\n#### 4"
+    (pair,) = build_pairs([q(["#### 5"], gold_rationale=raw, gold=4.0)], "t5")
+    assert pair.chosen == formatting.t5_rationale(raw) == "2 + 2 = [ 2 + 2 = 4] 4. #### 4"
+
+
+def test_three_least_similar_pairs_with_stable_ties():
+    gold = "a b c #### 1"  # G
+    p1 = "x y z w #### 1"
+    n1, n2, n3 = "a b c #### 2", "q r s t u #### 2", "a q r v #### 3"
+    pairs = build_pairs([q([n2, p1, n1, n3, n1])], "llama")
+    # Jaccard: G-N1 4/6, G-N3 2/9, G-N2 1/11, P1-N1 1/10, P1-N3 1/11, P1-N2 1/12.
+    # Sorted: P1-N2 (1/12); then the 1/11 tie G-N2 (positive 0) before P1-N3 (positive 1).
+    assert [(p.chosen, p.rejected) for p in pairs] == [(p1, n2), (gold, n2), (p1, n3)]
+    two = build_pairs([q([n2, p1, n1, n3])], "llama", max_pairs_per_question=2)
+    assert [(p.chosen, p.rejected) for p in two] == [(p1, n2), (gold, n2)]
+
+
+def test_exact_dedup_sorting_then_near_duplicates():
+    na, nb = "a p q r s #### 2", "b p q r s #### 2"  # Jaccard 6/8 = 0.75 > 0.7
+    # Whatever the sample order, sorting keeps "a p q ..." and drops its near-duplicate.
+    for samples in ([nb, na, nb], [na, nb], [nb, nb, na, na]):
+        pairs = build_pairs([q(samples, gold_rationale="g h #### 1")], "llama")
+        assert [(p.chosen, p.rejected) for p in pairs] == [("g h #### 1", na)]
+
+
+def test_near_duplicate_threshold_is_strict():
+    gold = "a b c d e f g h #### 1"  # 10 tokens
+    s_dup = "a b c d e f g h i #### 1"  # 10/11 > 0.7: dropped (near-duplicate of the gold)
+    s_edge = "a b c d e #### 1"  # 7/10 == 0.7: kept (only > 0.7 drops)
+    s_far = "t u v w #### 1"
+    labels = build_pseudo_labels([q([s_dup, s_edge, s_far, "t u v w #### 1", "wrong #### 9"], gold_rationale=gold)],
+                                 "llama", cap_percentile=100)
+    assert [l.target for l in labels] == [gold, s_edge, s_far]
+
+
+def test_pooling_merges_rounds_by_question():
+    r1 = [q(["A #### 1"], qid="q1"), q(["B #### 2"], qid="q2", gold=2.0)]
+    r2 = [q(["C #### 5"], qid="q2", gold=2.0), q(["D #### 3"], qid="q1")]
+    pooled = builders.pool_samples([r1, r2])
+    assert [(x.id, x.samples) for x in pooled] == [("q1", ["A #### 1", "D #### 3"]), ("q2", ["B #### 2", "C #### 5"])]
+    assert r1[0].samples == ["A #### 1"]  # inputs are not mutated
+    # Neither question has a negative in round 1 alone; pooled, each has one negative and two
+    # positives (its gold, then its correct sample): 2 pairs each.
+    assert build_pairs(r1, "llama") == []
+    pairs = build_pairs(pooled, "llama")
+    assert [(p.id, p.rejected) for p in pairs] == [("q1", "D #### 3")] * 2 + [("q2", "C #### 5")] * 2
+
+
+@pytest.mark.parametrize("counts,cap", [([1] * 10, 1), (list(range(1, 11)), 9), ([3, 3, 3], 3), ([], 1), ([1, 1, 1, 1, 1, 1, 1, 1, 1, 50], 5)])
+def test_percentile_cap(counts, cap):
+    # numpy linear interpolation then int(): 1..10 -> 9.1 -> 9; nine 1s and a 50 -> 1 + 0.1 * 49 = 5.9 -> 5
+    assert builders.pseudo_label_cap(counts) == cap
+
+
+def test_pseudo_labels_cap_and_gold_first():
+    questions = []
+    for k in range(1, 11):  # question k has k-1 distinct correct samples plus its gold: k labels
+        samples = [f"s{k}x{j} t{k}x{j} #### {k}" for j in range(k - 1)] + [f"bad{k} #### -1"]
+        questions.append(q(samples, gold_rationale=f"gold{k} #### {k}", gold=float(k), qid=f"q{k}"))
+    labels = build_pseudo_labels(questions, "llama")
+    per_q = {qq.id: [l for l in labels if l.id == qq.id] for qq in questions}
+    assert [len(v) for v in per_q.values()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # cap int(9.1) = 9
+    for k, v in enumerate(per_q.values(), start=1):
+        assert v[0] == Label(f"q{k}", "Q?", f"gold{k} #### {k}", float(k))  # gold first, always kept
+        assert all("bad" not in l.target for l in v)
+    assert [l.target for l in per_q["q10"]][1:] == sorted(f"s10x{j} t10x{j} #### 10" for j in range(9))[:8]
+
+
+def test_texts_for_the_pipeline():
+    pair, label = Pair("q1", "Q?", "c", "r"), Label("q1", "Q?", "t #### 1", 1.0)
+    assert builders.pair_texts([pair], "t5") == [("Q?", "c", "r")]
+    assert builders.label_texts([label], "llama") == [(formatting.format_prompt("llama", "Q?"), "t #### 1")]
+
+
+def test_dpo_eval_pairs_are_the_first_320():
+    pairs = [Pair(str(i), "q", "c", "r") for i in range(500)]
+    assert builders.dpo_eval_pairs(pairs) == pairs[:320]
+
+
+def test_small_real_sample():
+    """Gold rationales of dev questions as 'samples' of other questions' answers: every
+    question gets its own gold as a positive and a foreign rationale as a negative."""
+    rows = gsm8k.load_split("dev", data_dir())[:30]
+    questions = [QuestionSamples(r.id, r.question, r.answer, r.gold,
+                                 [r.answer, rows[(i + 1) % len(rows)].answer, "no idea"])
+                 for i, r in enumerate(rows)]
+    for family in ("llama", "t5"):
+        pairs = build_pairs(questions, family)
+        # negatives per question: the foreign rationale (unless it has the same answer) + "no idea";
+        # positives: the gold (its raw copy is a near-duplicate for llama; for t5 the formatted gold
+        # and the raw sample differ enough to be kept or not) -> 2 to 3 pairs each.
+        per_q = {}
+        for p in pairs:
+            per_q[p.id] = per_q.get(p.id, 0) + 1
+            assert gsm8k.is_correct_text(p.chosen, next(r.gold for r in rows if r.id == p.id))
+        assert set(per_q) == {r.id for r in rows}
+        assert all(1 <= n <= 3 for n in per_q.values())
+        if family == "llama":
+            assert all(n == 2 for n in per_q.values())
+        labels = build_pseudo_labels(questions, family)
+        assert {l.id for l in labels} == {r.id for r in rows}
+        if family == "llama":  # the raw gold sample is an exact duplicate of the gold: one label each
+            assert len(labels) == len(rows)

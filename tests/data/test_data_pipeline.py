@@ -1,0 +1,185 @@
+"""Tokenization per family, fixed-shape batches, and the grain loader (shuffling, sharding,
+checkpointable position, lockstep evaluation padding)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dpost.data import pipeline, synthetic
+from dpost.data.formatting import format_example
+from dpost.data.pipeline import bucket_length, collate, make_batch, make_loader
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return synthetic.make_splits(seed=3, n_train=200, n_dev=10, n_test=10)
+
+
+@pytest.fixture(scope="module")
+def tok(splits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    synthetic.train_tokenizer(synthetic.tokenizer_corpus(splits["train"]), out, vocab_size=400)
+    return synthetic.load_tokenizer(out)
+
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.mark.parametrize("n,cap,expected", [(0, 200, 16), (1, 200, 16), (16, 200, 16), (17, 200, 32),
+                                            (64, 200, 64), (65, 200, 128), (129, 200, 200), (300, 256, 256)])
+def test_bucket_length(n, cap, expected):
+    assert bucket_length(n, cap) == expected
+
+
+def _rows(ids, mask):
+    return [row[m == 1].tolist() for row, m in zip(ids, mask)]
+
+
+def test_llama_batch(splits, tok):
+    exs = [format_example("llama", e) for e in splits["dev"][:3]]
+    batch = make_batch(exs, tok, "llama", batch_size=4)
+    assert set(batch) == {"prompt", "prompt_mask", "completion", "completion_mask", "valid"}
+    assert all(v.dtype == np.int32 for v in batch.values())
+    b, p = batch["prompt"].shape
+    assert b == 4 and p in (16, 32, 64, 128, 256) and batch["completion"].shape[1] in (16, 32, 64, 128, 256, 384)
+    assert batch["valid"].tolist() == [1, 1, 1, 0]
+    for (prompt, target), pr, co in zip(exs, _rows(batch["prompt"], batch["prompt_mask"]),
+                                        _rows(batch["completion"], batch["completion_mask"])):
+        assert pr[0] == BOS and EOS not in pr and tok.decode(pr[1:]) == prompt
+        assert co[-1] == EOS and BOS not in co and tok.decode(co[:-1]) == target
+    # left-padded prompts, right-padded completions
+    assert (batch["prompt_mask"][:, -1][:3] == 1).all() and (batch["completion_mask"][:, 0][:3] == 1).all()
+    assert (batch["prompt"][batch["prompt_mask"] == 0] == PAD).all()
+    assert batch["prompt_mask"][3].sum() == 0 and batch["completion_mask"][3].sum() == 0
+
+
+def test_t5_batch(splits, tok):
+    exs = [format_example("t5", e) for e in splits["dev"][:2]]
+    batch = make_batch(exs, tok, "t5")
+    for (prompt, target), pr, co in zip(exs, _rows(batch["prompt"], batch["prompt_mask"]),
+                                        _rows(batch["completion"], batch["completion_mask"])):
+        assert pr[-1] == EOS and BOS not in pr and tok.decode(pr[:-1]) == prompt
+        assert co[-1] == EOS and tok.decode(co[:-1]) == target
+
+
+def test_prompt_only_and_pair_batches(splits, tok):
+    prompts = [format_example("llama", e)[0] for e in splits["dev"][:2]]
+    batch = make_batch(prompts, tok, "llama")
+    assert set(batch) == {"prompt", "prompt_mask", "valid"}
+    assert _rows(batch["prompt"], batch["prompt_mask"])[0] == pipeline.encode_prompt(tok, "llama", prompts[0])
+    pairs = make_batch([(prompts[0], "a #### 1", "a much longer rejected answer #### 2")], tok, "llama")
+    assert set(pairs) == {"prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask", "valid"}
+    assert pairs["chosen"].shape == pairs["rejected"].shape  # one completion length for both
+    assert tok.decode(_rows(pairs["rejected"], pairs["rejected_mask"])[0][:-1]) == "a much longer rejected answer #### 2"
+
+
+class MergingTokenizer:
+    """Characters are tokens, except that "ab" is one token: a prompt ending in "a" followed by a
+    target starting with "b" tokenizes differently jointly than apart (like SentencePiece)."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                ids.append(3)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+def test_llama_joint_tokenization_moves_merged_token():
+    t = MergingTokenizer()
+    assert pipeline.encode_example(t, "llama", "xa", "bc") == ([1, ord("x")], [3, ord("c"), 2])
+    assert pipeline.encode_example(t, "llama", "xy", "bc") == ([1, ord("x"), ord("y")], [ord("b"), ord("c"), 2])
+    assert pipeline.encode_example(t, "t5", "xa", "bc") == ([ord("x"), ord("a"), 2], [ord("b"), ord("c"), 2])
+    # chosen merges, rejected does not: the shared prompt falls back to separate tokenization
+    item = pipeline.tokenize_item(t, "llama", "xa", "bc", "zz", keys=("chosen", "rejected"))
+    assert item["prompt"].tolist() == [1, ord("x"), ord("a")]
+    assert item["chosen"].tolist() == [ord("b"), ord("c"), 2] and item["rejected"].tolist() == [ord("z")] * 2 + [2]
+    batch = make_batch([("xa", "bc")], t, "llama")  # no pad token: pads with 0
+    assert (batch["prompt"][batch["prompt_mask"] == 0] == 0).all()
+
+
+def test_length_limits(splits, tok):
+    long_prompt = " ".join(["word"] * 300)
+    with pytest.raises(ValueError, match="longer than"):
+        make_batch([(long_prompt, "x")], tok, "llama")
+    batch = make_batch([(long_prompt, "x")], tok, "llama", truncate=True)
+    assert batch["prompt"].shape[1] == 256 and batch["prompt_mask"].sum() == 256  # the prompt's last 256 tokens
+    exs = [format_example("t5", e) for e in splits["dev"][:5]] + [(long_prompt, "x"), ("q", long_prompt)]
+    tokenized = pipeline.tokenize_examples(exs, tok, "t5", max_prompt_len=200, max_completion_len=300)
+    assert tokenized.num_filtered == 2 and len(tokenized.items) == 5
+
+
+def _items(n):
+    return [{"prompt": np.full(i % 5 + 1, 100 + i, np.int32), "completion": np.arange(i % 7 + 1, dtype=np.int32)}
+            for i in range(n)]
+
+
+def _ids(batch):
+    return [int(row[m == 1][0]) - 100 for row, m, v in zip(batch["prompt"], batch["prompt_mask"], batch["valid"]) if v]
+
+
+def _loader(items, **kw):
+    args = dict(batch_size=4, pad_id=0, max_prompt_len=64, max_completion_len=64, seed=0,
+                shard_index=0, shard_count=1)
+    args.update(kw)
+    return make_loader(items, **args)
+
+
+def test_loader_shuffles_per_epoch_deterministically():
+    items = _items(20)
+    first = [_ids(b) for b in itertools.islice(_loader(items), 10)]  # two epochs of 5 batches
+    again = [_ids(b) for b in itertools.islice(_loader(items), 10)]
+    assert first == again
+    epoch1, epoch2 = sum(first[:5], []), sum(first[5:], [])
+    assert sorted(epoch1) == sorted(epoch2) == list(range(20)) and epoch1 != epoch2
+    assert sum((_ids(b) for b in itertools.islice(_loader(items, seed=1), 5)), []) != epoch1
+    batch = next(_loader(items))
+    assert batch["prompt"].shape == (4, 16) and batch["completion"].shape == (4, 16)
+
+
+def test_loader_state_restores_position():
+    items = _items(30)
+    it = _loader(items, num_epochs=2)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    rest = [_ids(b) for b in it]
+    resumed = _loader(items, num_epochs=2)
+    resumed.set_state(state)
+    assert [_ids(b) for b in resumed] == rest
+    assert len(rest) == pipeline.num_batches(30, 4, num_epochs=2) - 3 == 12  # 60 items, 15 full batches
+
+
+def test_loader_shards_are_disjoint_and_equal():
+    items = _items(23)
+    shards = [[_ids(b) for b in _loader(items, num_epochs=1, shard_index=i, shard_count=2)] for i in range(2)]
+    assert len(shards[0]) == len(shards[1]) == pipeline.num_batches(23, 4, shard_count=2) == 2
+    seen = [set(sum(s, [])) for s in shards]
+    assert not seen[0] & seen[1]
+
+
+def test_eval_loader_keeps_everything_in_lockstep():
+    items = _items(11)
+    shards = [[b for b in _loader(items, num_epochs=1, shuffle=False, drop_remainder=False,
+                                  shard_index=i, shard_count=3)] for i in range(3)]
+    assert [len(s) for s in shards] == [1, 1, 1] == [pipeline.num_batches(11, 4, shard_count=3, drop_remainder=False)] * 3
+    ids = sorted(i for s in shards for b in s for i in _ids(b))
+    assert ids == list(range(11))
+    assert all(b["prompt"].shape[0] == 4 for s in shards for b in s)
+    # a shard of filler rows only still yields a well-formed batch
+    (only,) = list(_loader(_items(1), num_epochs=1, shuffle=False, drop_remainder=False, shard_index=1, shard_count=2))
+    assert only["valid"].tolist() == [0, 0, 0, 0] and set(only) >= {"completion", "completion_mask"}
+
+
+def test_collate_rejects_too_many_items():
+    with pytest.raises(ValueError):
+        collate(_items(5), pad_id=0, max_prompt_len=16, max_completion_len=16, batch_size=4)

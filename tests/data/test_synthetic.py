@@ -1,0 +1,117 @@
+"""The synthetic arithmetic task: valid GSM8K rows, deterministic disjoint splits, atomic
+writes, and a tokenizer that round-trips the text exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from dpost import calculator
+from dpost.data import gsm8k, synthetic
+from dpost.data.formatting import FAMILIES, format_example
+from dpost.data.synthetic import Difficulty
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return synthetic.make_splits(seed=7, n_train=400, n_dev=50, n_test=50)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(splits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    synthetic.train_tokenizer(synthetic.tokenizer_corpus(splits["train"]), out, vocab_size=400)
+    return synthetic.load_tokenizer(out)
+
+
+def test_rows_are_valid_gsm8k(splits):
+    for ex in splits["train"] + splits["test"]:
+        annotations = re.findall(r"<<(.*?)=(.*?)>>(\d+)", ex.answer)
+        assert 2 <= len(annotations) <= 4
+        for expr, result, written in annotations:
+            assert calculator.evaluate(expr) == result == written  # the calculator reproduces every step
+        assert gsm8k.extract_answer(ex.answer) == ex.gold == float(annotations[-1][1])
+        assert ex.gold == int(ex.gold) and 0 <= ex.gold <= Difficulty().max_value
+
+
+def test_splits_deterministic_and_disjoint(splits):
+    again = synthetic.make_splits(seed=7, n_train=400, n_dev=50, n_test=50)
+    assert again == splits
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [400, 50, 50]
+    qs = {s: [e.question for e in rows] for s, rows in splits.items()}
+    assert all(len(set(v)) == len(v) for v in qs.values())
+    assert not set(qs["train"]) & (set(qs["dev"]) | set(qs["test"]))
+    assert not set(qs["dev"]) & set(qs["test"])
+    other = synthetic.make_splits(seed=8, n_train=400, n_dev=50, n_test=50)
+    assert other["test"] != splits["test"]
+
+
+def test_held_out_sets_do_not_depend_on_train_size(splits):
+    bigger = synthetic.make_splits(seed=7, n_train=800, n_dev=50, n_test=50)
+    assert bigger["test"] == splits["test"] and bigger["dev"] == splits["dev"]
+
+
+def test_difficulty_knobs():
+    d = Difficulty(min_steps=3, max_steps=3, ops=("+", "-"), max_operand=5, max_value=100)
+    rng = random.Random(0)
+    for _ in range(100):
+        row = synthetic.make_problem(rng, d)
+        steps = re.findall(r"<<(.*?)>>", row["answer"])
+        assert len(steps) == 3 and all("*" not in s and "/" not in s for s in steps)
+        assert 0 <= row["ans"] <= 100
+    with pytest.raises(ValueError):
+        Difficulty(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError):
+        Difficulty(ops=("^",))
+    with pytest.raises(ValueError, match="too small"):
+        synthetic.make_splits(0, 500, 0, 0, Difficulty(max_start=2, min_steps=1, max_steps=1, ops=("+",), max_operand=1))
+
+
+def test_write_splits_round_trip(splits, tmp_path):
+    synthetic.write_splits(tmp_path, splits)
+    for split, rows in splits.items():
+        assert gsm8k.load_split(split, tmp_path) == rows
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_jsonl_is_atomic(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    synthetic.write_jsonl(path, [{"a": 1}])
+
+    def rows():
+        yield {"a": 2}
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        synthetic.write_jsonl(path, rows())
+    assert [json.loads(l) for l in path.read_text().splitlines()] == [{"a": 1}]  # old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # no temporary left behind
+
+
+def test_tokenizer_round_trip_and_specials(splits, tokenizer):
+    assert 260 < len(tokenizer) <= 400
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
+    texts = [t for ex in splits["test"] for fam in FAMILIES for t in format_example(fam, ex)]
+    texts += ["Ünïcode ✓ and  double  spaces\n\n", "#### -12,345.5", "<<3*4=12>>12 [ 3 * 4 = 12] 12"]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids) == text
+    # digits are single tokens; calculator markers and "=" are tokens of their own
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode("1234=<<12*3=36>>36", add_special_tokens=False))
+    assert tokens[:6] == ["1", "2", "3", "4", "=", "<<"] and ">>" in tokens
+    assert tokenizer.decode([1, *tokenizer.encode("5", add_special_tokens=False), 2], skip_special_tokens=True) == "5"
+
+
+def test_tokenizer_loads_with_transformers(splits, tokenizer, tmp_path):
+    from transformers import PreTrainedTokenizerFast  # (AutoTokenizer works too; its import is slow)
+
+    synthetic.train_tokenizer(synthetic.tokenizer_corpus(splits["dev"]), tmp_path, vocab_size=300)
+    direct = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / synthetic.TOKENIZER_FILE))
+    auto = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))  # specials from the config
+    text = splits["dev"][0].answer
+    assert direct.decode(direct.encode(text, add_special_tokens=False)) == text
+    assert auto.eos_token == "</s>" and auto.pad_token == "<pad>" and auto.bos_token == "<s>"
+    assert auto.encode(text, add_special_tokens=False) == direct.encode(text, add_special_tokens=False)
