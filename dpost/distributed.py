@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import logging
+import logging
+
+log = logging.getLogger(__name__)
 
 # Environment markers of launchers whose topology jax.distributed.initialize() auto-detects.
 _AUTO_DETECTED = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -34,7 +36,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     else:
         return
     if jax.process_index() == 0:
-        logging.info(
+        log.info(
             "multi-host: %d processes, %d global devices (%d local), platform %s",
             jax.process_count(), jax.device_count(), jax.local_device_count(), jax.devices()[0].platform,
         )

@@ -29,8 +29,22 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", name)
 
 
+def configure_logging() -> None:
+    """dpost's own messages at INFO on stderr; libraries (Orbax, absl) only from WARNING up."""
+    import logging as std_logging
+
+    logging.set_verbosity(logging.WARNING)
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = std_logging.getLogger("dpost")
+    root.setLevel(std_logging.INFO)
+    root.addHandler(handler)
+    root.propagate = False
+
+
 def main(argv) -> int:
     del argv
+    configure_logging()
     from dpost import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -164,7 +164,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed = param_with_axes(
-            self, "embed", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
+            self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
         layer = DecoderLayer
         if cfg.remat:

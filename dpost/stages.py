@@ -1,0 +1,355 @@
+"""The DPO-ST stages, one function each; `driver.py` calls them in the paper's order.
+
+Every stage writes into its own `StageDir` and finishes by writing the manifest, so a rerun skips
+it. Training stages resume from their last Orbax checkpoint; sampling resumes from its last
+completed shard file. Multi-host: sampling shards are split across processes and gathered through
+the (shared) workdir; training is SPMD over the global mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import logging
+from etils import epath
+
+from dpost import models, sampling, training
+from dpost.data import builders, formatting, pipeline
+from dpost.data.gsm8k import Example
+from dpost.models.bundle import ModelBundle
+from dpost.workdir import StageDir, read_jsonl, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CKPT_DIR = "checkpoints"
+SHARD_SIZE = 256  # questions per sampling shard: the unit of resume
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def num_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def stage_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def load_stage_model(stage: StageDir, mesh, rules, dtype: str) -> ModelBundle:
+    return models.load(f"orbax:{stage.path / MODEL_DIR}", dtype=dtype, mesh=mesh, rules=rules)
+
+
+def optimizer_config(opt_cfg, total_steps: int) -> training.OptimizerConfig:
+    return training.OptimizerConfig(
+        learning_rate=opt_cfg.learning_rate, total_steps=total_steps, weight_decay=opt_cfg.weight_decay,
+        warmup_ratio=opt_cfg.warmup_ratio, min_lr_rate=opt_cfg.min_lr_rate,
+        max_grad_norm=opt_cfg.max_grad_norm or None, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+    )
+
+
+def prompt_ids(bundle: ModelBundle, question: str) -> list[int]:
+    return pipeline.encode_prompt(bundle.tokenizer, bundle.family, formatting.format_prompt(bundle.family, question))
+
+
+def _train_state(bundle: ModelBundle, optimizer, seed: int, mesh, rules):
+    shardings = None
+    if mesh is not None:
+        boxed = models.sources.abstract_params(models.get_family(bundle.family), bundle.config)
+        param_sh = models.sources.target_shardings(boxed, mesh, rules)
+        shardings = training.state_shardings(param_sh, optimizer, jax.tree.map(lambda x: x, bundle.params), mesh)
+    return training.create_train_state(bundle.params, optimizer, rng=seed, shardings=shardings), shardings
+
+
+def _save_model(bundle: ModelBundle, params, stage: StageDir) -> ModelBundle:
+    trained = bundle.replace(params=params, source=f"orbax:{stage.path / MODEL_DIR}")
+    models.save_orbax(trained, str(stage.path / MODEL_DIR))
+    return trained
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+def prompts_per_batch(scfg) -> int:
+    """Config batch sizes count sequences; the sampler batches prompts of num_samples rows each."""
+    return max(1, scfg.batch_size // scfg.num_samples)
+
+
+def sampling_mesh(mesh):
+    """Sampling shards are split across hosts, so each host samples on its own devices."""
+    if mesh is None or jax.process_count() == 1:
+        return mesh
+    raise NotImplementedError("multi-host sampling needs host-local params")
+
+
+def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: StageDir, *, seed: int,
+                 mesh=None, progress: bool = True) -> dict:
+    """Samples `scfg.num_samples` rationales per question; resumable shard by shard."""
+    stage.start()
+    shards = [examples[i : i + SHARD_SIZE] for i in range(0, len(examples), SHARD_SIZE)]
+    tokens = 0
+    for index, shard in enumerate(shards):
+        if index % jax.process_count() != jax.process_index():
+            continue  # another host samples this shard
+        path = stage.path / f"shard_{index:05d}.jsonl"
+        if path.exists():
+            continue
+        prompts = [prompt_ids(bundle, ex.question) for ex in shard]
+        outputs = sampling.generate(
+            bundle, prompts, num_samples=scfg.num_samples, max_new_tokens=scfg.max_new_tokens,
+            temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k, seed=stage_seed(seed, index),
+            calculator=scfg.calculator, mesh=sampling_mesh(mesh), batch_size=prompts_per_batch(scfg), progress=progress,
+        )
+        rows = []
+        for ex, prompt, outs in zip(shard, prompts, outputs):
+            rows.append({"id": ex.id, "samples": [
+                {"text": s.text, "token_ids": list(map(int, s.token_ids)),
+                 "logprob": float(np.sum(s.token_logprobs)), "finish_reason": s.finish_reason}
+                for s in outs
+            ]})
+            tokens += len(prompt) + sum(len(s.token_ids) for s in outs)
+        write_jsonl_atomic(path, rows)
+        log.info("%s: shard %d/%d written", stage.path, index + 1, len(shards))
+    barrier(f"sampled {stage.path}")
+    n_samples = len(examples) * scfg.num_samples
+    return stage.finish(questions=len(examples), samples=n_samples, flops=2.0 * num_params(bundle.params) * tokens,
+                        shards=len(shards))
+
+
+def read_samples(stage: StageDir) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for path in sorted(stage.path.glob("shard_*.jsonl")):
+        for row in read_jsonl(path):
+            out[row["id"]] = row["samples"]
+    return out
+
+
+def question_samples(examples: Sequence[Example], rounds: Sequence[dict[str, list[dict]]]) -> list[builders.QuestionSamples]:
+    """Pools the sampled texts of several rounds (current and earlier models) per question."""
+    return [
+        builders.QuestionSamples(ex.id, ex.question, ex.answer, ex.gold,
+                                 [s["text"] for r in rounds for s in r.get(ex.id, [])])
+        for ex in examples
+    ]
+
+
+# -- preference pairs and pseudo-labels ------------------------------------------------------------
+
+def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: str, cfg, stage: StageDir) -> dict:
+    """Builds pairs; each side carries the reference's summed log-prob and token ids when it was
+    sampled by the reference model itself (this round), so DPO needs no second pass for it."""
+    stage.start()
+    pairs = builders.build_pairs(question_samples(examples, rounds), family,
+                                 max_pairs_per_question=cfg.pairs.max_per_question,
+                                 dedup_threshold=cfg.pairs.dedup_threshold)
+    harvested = {}
+    for qid, samples in current_round.items():
+        for s in samples:
+            harvested.setdefault((qid, s["text"]), s)
+    rows = []
+    for p in pairs:
+        row = {"id": p.id, "question": p.prompt_question, "chosen": p.chosen, "rejected": p.rejected}
+        for side in ("chosen", "rejected"):
+            hit = harvested.get((p.id, row[side]))
+            row[f"{side}_ref"] = None if hit is None else hit["logprob"]
+            row[f"{side}_ids"] = None if hit is None else hit["token_ids"]
+        rows.append(row)
+    if jax.process_index() == 0:
+        write_jsonl_atomic(stage.path / "pairs.jsonl", rows)
+    with_negative = len({p.id for p in pairs})
+    return stage.finish(pairs=len(pairs), questions_with_pairs=with_negative, questions=len(examples))
+
+
+def labels_stage(examples, rounds, family: str, cfg, stage: StageDir) -> dict:
+    stage.start()
+    labels = builders.build_pseudo_labels(question_samples(examples, rounds), family,
+                                          dedup_threshold=cfg.pseudo_labels.dedup_threshold,
+                                          cap_percentile=cfg.pseudo_labels.cap_percentile)
+    if jax.process_index() == 0:
+        write_jsonl_atomic(stage.path / "labels.jsonl", [dataclasses.asdict(l) for l in labels])
+    questions = len({l.id for l in labels})
+    return stage.finish(pseudo_labels=len(labels), questions=questions, beyond_gold=len(labels) - questions)
+
+
+def gold_labels(examples: Sequence[Example], family: str) -> list[tuple[str, str]]:
+    return [formatting.format_example(family, ex) for ex in examples]
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def _fixed_lengths(items: Sequence[dict], keys: Sequence[str], max_p: int, max_c: int) -> tuple[int, int]:
+    """One (prompt, completion) shape for the whole stage: its longest rows, rounded up to 16."""
+    def round_up(n, cap):
+        return min(cap, -(-n // 16) * 16)
+
+    return (round_up(max(len(it["prompt"]) for it in items), max_p),
+            round_up(max(len(it[k]) for it in items for k in keys), max_c))
+
+
+def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage: StageDir, *, seed: int,
+              mesh=None, rules=None) -> tuple[ModelBundle, dict]:
+    """SFT from `base` on (prompt_text, target_text) pairs; resumes from the stage's checkpoints."""
+    stage.start()
+    tok = pipeline.tokenize_examples(examples, base.tokenizer, base.family,
+                                     max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_target_len)
+    if not tok.items:
+        raise ValueError(f"{stage.path}: no SFT example fits {cfg.data.max_prompt_len}/{cfg.data.max_target_len} tokens")
+    batch_size = min(cfg.sft.batch_size, len(tok.items) // jax.process_count() * jax.process_count())
+    steps = training.steps_for_epochs(len(tok.items), batch_size, cfg.sft.epochs)
+    if cfg.sft.max_steps:
+        steps = min(steps, cfg.sft.max_steps)
+    steps = max(1, steps)
+    opt_cfg = optimizer_config(cfg.sft.optimizer, steps)
+    optimizer = training.make_optimizer(opt_cfg)
+    state, shardings = _train_state(base, optimizer, seed, mesh, rules)
+    step = training.make_sft_step(base.module, optimizer, lr_schedule=training.make_schedule(opt_cfg),
+                                  grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings)
+    p_len, c_len = _fixed_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
+    pad = base.pad_token_id
+    data = pipeline.make_loader(tok.items, batch_size=batch_size // jax.process_count(), pad_id=pad,
+                                max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_target_len,
+                                seed=seed, shuffle=True, num_epochs=None)
+    result = training.run(
+        step, state, data,
+        training.LoopConfig(num_steps=steps, log_every=cfg.log_every, save_every=cfg.checkpoint.every_steps,
+                            keep=cfg.checkpoint.keep, progress=cfg.progress, name=stage.path.parent.name + "/sft"),
+        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), mesh=mesh, rules=rules,
+        pad_to=(p_len, c_len), pad_id=pad,
+    )
+    trained = _save_model(base, result.state.params, stage)
+    last = result.history[-1] if result.history else {}
+    tokens_per_step = _tokens_per_step(tok.items, batch_size, ["completion"])
+    manifest = stage.finish(
+        examples=len(tok.items), filtered=tok.num_filtered, steps=steps,
+        flops=6.0 * num_params(base.params) * tokens_per_step * steps,
+        final_loss=last.get("loss"),
+    )
+    return trained, manifest
+
+
+def _tokens_per_step(items, batch_size: int, keys) -> float:
+    per_item = np.mean([len(it["prompt"]) * len(keys) + sum(len(it[k]) for k in keys) for it in items])
+    return float(per_item * batch_size)
+
+
+def _pair_items(bundle: ModelBundle, rows: Sequence[dict], max_p: int, max_c: int):
+    """Token items for pairs: harvested sampler ids where present, tokenized text otherwise."""
+    eos = bundle.eos_token_id
+    items, refs, kept = [], [], []
+    for row in rows:
+        prompt = prompt_ids(bundle, row["question"])
+        item = {"prompt": np.asarray(prompt, np.int32)}
+        ref = []
+        for side in ("chosen", "rejected"):
+            ids = row.get(f"{side}_ids")
+            if ids is None:
+                ids = pipeline._ids(bundle.tokenizer, row[side]) + [eos]
+            item[side] = np.asarray(ids, np.int32)
+            ref.append(row.get(f"{side}_ref"))
+        if len(prompt) <= max_p and len(item["chosen"]) <= max_c and len(item["rejected"]) <= max_c:
+            items.append(item)
+            refs.append(ref)
+            kept.append(row)
+    return items, refs, kept
+
+
+def _pair_arrays(items, pad_id, p_len, c_len) -> dict[str, np.ndarray]:
+    batch = pipeline.collate(items, pad_id=pad_id, max_prompt_len=p_len, max_completion_len=c_len,
+                             keys=("chosen", "rejected"))
+    return training.pad_batch(batch, p_len, c_len, pad_id)
+
+
+def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageDir, *, seed: int,
+              mesh=None, rules=None) -> tuple[ModelBundle, dict]:
+    """DPO_k: init and reference = SFT_{k-1}. Reference log-probs come from the sampler for the
+    reference's own samples; the rest (gold rationales, earlier rounds) are scored once here."""
+    stage.start()
+    items, refs, rows = _pair_items(policy, pair_rows, cfg.data.max_prompt_len, cfg.data.max_target_len)
+    if not items:
+        raise ValueError(f"{stage.path}: no preference pair fits the length limits; nothing to train DPO on")
+    pad = policy.pad_token_id
+    p_len, c_len = _fixed_lengths(items, ["chosen", "rejected"], cfg.data.max_prompt_len, cfg.data.max_target_len)
+    arrays = _pair_arrays(items, pad, p_len, c_len)
+    ref_c = np.array([np.nan if r[0] is None else r[0] for r in refs], np.float32)
+    ref_r = np.array([np.nan if r[1] is None else r[1] for r in refs], np.float32)
+    missing = np.isnan(ref_c) | np.isnan(ref_r)
+    harvested = int((~np.isnan(ref_c)).sum() + (~np.isnan(ref_r)).sum())
+    if missing.any():
+        sc, sr = _score_pairs(policy, {k: v[missing] for k, v in arrays.items()}, mesh, rules)
+        ref_c[missing] = np.where(np.isnan(ref_c[missing]), sc, ref_c[missing])
+        ref_r[missing] = np.where(np.isnan(ref_r[missing]), sr, ref_r[missing])
+    arrays["ref_chosen_logps"], arrays["ref_rejected_logps"] = ref_c, ref_r
+
+    batch_size = min(cfg.dpo.batch_size, len(items) // jax.process_count() * jax.process_count())
+    steps = cfg.dpo.steps
+    opt_cfg = optimizer_config(cfg.dpo.optimizer, steps)
+    optimizer = training.make_optimizer(opt_cfg)
+    dcfg = training.DPOConfig(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
+                              rpo_alpha=cfg.dpo.rpo_alpha or None,
+                              reference="in_step" if cfg.dpo.reference == "in_step" else "precomputed")
+    state, shardings = _train_state(policy, optimizer, seed, mesh, rules)
+    step = training.make_dpo_step(policy.module, optimizer, dcfg, lr_schedule=training.make_schedule(opt_cfg),
+                                  grad_accum=cfg.dpo.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
+                                  ref_shardings=shardings.params if shardings is not None else None)
+    step_fn = step
+    if dcfg.reference == "in_step":
+        ref_params = policy.params
+        step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
+    host = {k: v[jax.process_index()::jax.process_count()] for k, v in arrays.items()}
+    data = training.ArrayIterator(host, batch_size // jax.process_count(), seed=seed)
+
+    n_eval = min(cfg.dpo.eval_pairs, len(items))
+    eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules)
+    eval_batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n_eval, batch_size)]
+    eval_batches = [b for b in eval_batches if len(b["prompt"]) == batch_size] or eval_batches[:1]
+
+    def eval_fn(st):
+        return training.evaluate_dpo(eval_step, st.params, eval_batches,
+                                     ref_params=policy.params if dcfg.reference == "in_step" else None,
+                                     mesh=mesh, rules=rules)
+
+    result = training.run(
+        step_fn, state, data,
+        training.LoopConfig(num_steps=steps, log_every=cfg.log_every, save_every=cfg.checkpoint.every_steps,
+                            keep=cfg.checkpoint.keep, progress=cfg.progress, name=stage.path.parent.name + "/dpo"),
+        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), eval_fn=eval_fn, mesh=mesh, rules=rules,
+    )
+    trained = _save_model(policy, result.state.params, stage)
+    last_eval = result.eval_history[-1] if result.eval_history else {}
+    n = num_params(policy.params)
+    tokens_per_step = _tokens_per_step(items, batch_size, ["chosen", "rejected"])
+    ref_flops = 2.0 * n * tokens_per_step * steps if dcfg.reference == "in_step" else 0.0
+    manifest = stage.finish(
+        pairs=len(items), filtered=len(pair_rows) - len(items), steps=steps, harvested_reference_logps=harvested,
+        flops=6.0 * n * tokens_per_step * steps + ref_flops,
+        eval={k: float(v) for k, v in last_eval.items() if k != "step"},
+    )
+    return trained, manifest
+
+
+def _score_pairs(bundle: ModelBundle, arrays: dict[str, np.ndarray], mesh, rules) -> tuple[np.ndarray, np.ndarray]:
+    """Reference log-probs of chosen/rejected in fixed-size batches (one compiled program)."""
+    ref = training.make_reference_fn(bundle.module)
+    n = len(arrays["prompt"])
+    bs = min(32, n)
+    out_c, out_r = [], []
+    for i in range(0, n, bs):
+        chunk = {k: v[i : i + bs] for k, v in arrays.items()}
+        short = bs - len(chunk["prompt"])
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
+        c, r = jax.device_get(ref(bundle.params, training.put_batch(chunk)))
+        out_c.append(np.asarray(c)[: bs - short])
+        out_r.append(np.asarray(r)[: bs - short])
+    return np.concatenate(out_c), np.concatenate(out_r)

@@ -1,0 +1,140 @@
+"""The run directory: one folder per stage, atomic outputs, manifests, and the config guard.
+
+    WORKDIR/config.json            the run's config (a changed config under it is refused)
+    WORKDIR/iter_<k>/<stage>/      a stage's outputs; MANIFEST written last, atomically
+
+A stage is finished exactly when its manifest exists and names the run's config hash, so rerunning
+the command skips finished stages and resumes the others (training from its last checkpoint,
+sampling from its last completed shard). Paths may be local or gs:// (etils.epath).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Iterable
+
+import jax
+from etils import epath
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+# Fields that may change between reruns without invalidating finished stages.
+RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every")
+
+
+def flatten_config(config) -> dict[str, Any]:
+    """ConfigDict -> {"a.b": value} with JSON-friendly values."""
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        items = node.items() if hasattr(node, "items") else None
+        if items is None:
+            out[prefix] = list(node) if isinstance(node, tuple) else node
+            return
+        if not items and prefix:
+            out[prefix] = {}
+        for key, value in items:
+            walk(value, f"{prefix}.{key}" if prefix else key)
+
+    walk(config, "")
+    return out
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+    kept = {k: v for k, v in flat.items() if not k.startswith(RUNTIME_FIELDS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Write to a temporary name beside the target, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp{jax.process_index()}"
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def write_json_atomic(path: epath.Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def write_jsonl_atomic(path: epath.Path, rows: Iterable[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def read_jsonl(path: epath.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+class RunDir:
+    def __init__(self, root: str, config, config_path: str = ""):
+        self.root = epath.Path(root)
+        self.flat = flatten_config(config)
+        self.hash = config_hash(self.flat)
+        self.config_path = config_path
+
+    def guard_config(self) -> None:
+        """Refuses to continue a run whose stored config differs (names the changed fields)."""
+        path = self.root / CONFIG_FILE
+        if path.exists():
+            stored = json.loads(path.read_text())["config"]
+            changed = sorted(
+                k for k in set(stored) | set(self.flat)
+                if not k.startswith(RUNTIME_FIELDS) and _norm(stored.get(k, "<absent>")) != _norm(self.flat.get(k, "<absent>"))
+            )
+            if changed:
+                details = ", ".join(f"{k}: {stored.get(k, '<absent>')!r} -> {self.flat.get(k, '<absent>')!r}" for k in changed[:8])
+                raise ValueError(
+                    f"workdir {self.root} holds a run with a different config; changed fields: {details}. "
+                    "Use a new --workdir (or delete the old one) to run with this config."
+                )
+            return
+        if jax.process_index() == 0:
+            write_json_atomic(path, {"config_path": self.config_path, "hash": self.hash, "config": self.flat})
+
+    def stage(self, iteration: int, name: str) -> "StageDir":
+        return StageDir(self.root / f"iter_{iteration}" / name, self.hash)
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, default=str))
+
+
+class StageDir:
+    def __init__(self, path: epath.Path, run_hash: str):
+        self.path = path
+        self.run_hash = run_hash
+        self._started = None
+
+    @property
+    def manifest_path(self) -> epath.Path:
+        return self.path / MANIFEST
+
+    def done(self) -> bool:
+        if not self.manifest_path.exists():
+            return False
+        return json.loads(self.manifest_path.read_text()).get("config_hash") == self.run_hash
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._started = time.time()
+
+    def finish(self, **fields) -> dict:
+        """Writes the manifest (last, atomically): the stage is finished from this moment on."""
+        seconds = fields.pop("seconds", None)
+        if seconds is None:
+            seconds = time.time() - self._started if self._started else 0.0
+        manifest = dict(stage=self.path.name, config_hash=self.run_hash, seconds=round(seconds, 3), **fields)
+        if jax.process_index() == 0:
+            write_json_atomic(self.manifest_path, manifest)
+        return manifest
