@@ -4,10 +4,10 @@ HF `T5ForConditionalGeneration` state dict (per stack, `{layer}` = block index):
 
   shared.weight                                                  [V, D]   -> embed
   lm_head.weight                                                 [V, D]   -> lm_head (untied only)
-  {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, H] -> {stack}/relpos
+  {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight    [buckets, H] -> {stack}/relpos
   {stack}.block.{layer}.layer.0.layer_norm.weight / SelfAttention.{q,k,v,o}.weight
   decoder.block.{layer}.layer.1.layer_norm.weight / EncDecAttention.{q,k,v,o}.weight
-  {stack}.block.{layer}.layer.-1.layer_norm.weight / DenseReluDense.{wi_0,wi_1,wo | wi,wo}.weight
+  {stack}.block.{layer}.layer.{1 | 2}.layer_norm.weight / DenseReluDense.{wi_0,wi_1,wo | wi,wo}.weight
   {stack}.final_layer_norm.weight
 
 `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight` are tied to `shared.weight` in
