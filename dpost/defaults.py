@@ -30,7 +30,16 @@ def optimizer_fields(**overrides) -> ml_collections.ConfigDict:
 
 def sampling_fields(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
-        dict(num_samples=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=300, batch_size=64, calculator=True)
+        dict(
+            num_samples=1,
+            temperature=0.0,  # 0 = greedy
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=300,
+            batch_size=64,  # sequences (prompts x num_samples) per sampler batch
+            calculator=True,
+            shard_questions=256,  # questions per resumable sampling shard (one file each)
+        )
     )
     cfg.update(overrides)
     return cfg

@@ -50,8 +50,11 @@ def main(argv) -> int:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from dpost import driver
 
-    config = _CONFIG.value
     config_path = flags.FLAGS["config"].config_filename
+    if not os.path.isfile(config_path):  # config_flags would defer this error to first use
+        print(f"dpost: error: config file {config_path} does not exist", file=sys.stderr)
+        return 2
+    config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_path)
     try:
         if config.mode == "eval":
@@ -67,9 +70,21 @@ def main(argv) -> int:
     return 0
 
 
+def parse_flags(argv):
+    """absl flag parsing; a bad --config.field override is one clear line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        message = " ".join(str(err).replace("\\n", " ").replace("\\", "").split()).strip("'")
+        if isinstance(err, AttributeError):  # ConfigDict's "no such field" (with its suggestion)
+            message = "unknown config field '" + message
+        print(f"dpost: error: bad command line: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

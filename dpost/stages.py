@@ -9,8 +9,7 @@ the (shared) workdir; training is SPMD over the global mesh.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
+import os
 from typing import Any, Sequence
 
 import jax
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CKPT_DIR = "checkpoints"
-SHARD_SIZE = 256  # questions per sampling shard: the unit of resume
+KILL_AFTER_SHARD_ENV = "DPOST_TEST_KILL_AFTER_SHARD"  # tests: "<stage path suffix>:<shard>" -> os._exit
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -97,7 +96,8 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
                  mesh=None, progress: bool = True) -> dict:
     """Samples `scfg.num_samples` rationales per question; resumable shard by shard."""
     stage.start()
-    shards = [examples[i : i + SHARD_SIZE] for i in range(0, len(examples), SHARD_SIZE)]
+    size = scfg.shard_questions
+    shards = [examples[i : i + size] for i in range(0, len(examples), size)]
     tokens = 0
     for index, shard in enumerate(shards):
         if index % jax.process_count() != jax.process_index():
@@ -121,10 +121,18 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
             tokens += len(prompt) + sum(len(s.token_ids) for s in outs)
         write_jsonl_atomic(path, rows)
         log.info("%s: shard %d/%d written", stage.path, index + 1, len(shards))
+        _maybe_kill(stage, index)
     barrier(f"sampled {stage.path}")
     n_samples = len(examples) * scfg.num_samples
     return stage.finish(questions=len(examples), samples=n_samples, flops=2.0 * num_params(bundle.params) * tokens,
                         shards=len(shards))
+
+
+def _maybe_kill(stage: StageDir, shard: int) -> None:
+    """Test hook: simulate a crash right after a given sampling shard was written."""
+    target = os.environ.get(KILL_AFTER_SHARD_ENV, "")
+    if target and str(stage.path).endswith(target.rsplit(":", 1)[0]) and int(target.rsplit(":", 1)[1]) == shard:
+        os._exit(17)
 
 
 def read_samples(stage: StageDir) -> dict[str, list[dict]]:
@@ -218,8 +226,8 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     p_len, c_len = _fixed_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     pad = base.pad_token_id
     data = pipeline.make_loader(tok.items, batch_size=batch_size // jax.process_count(), pad_id=pad,
-                                max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_target_len,
-                                seed=seed, shuffle=True, num_epochs=None)
+                                max_prompt_len=p_len, max_completion_len=c_len, seed=seed, shuffle=True,
+                                num_epochs=None)
     result = training.run(
         step, state, data,
         training.LoopConfig(num_steps=steps, log_every=cfg.log_every, save_every=cfg.checkpoint.every_steps,

@@ -1,0 +1,149 @@
+"""End-to-end runs of `python -m dpost.main` on a tiny arith_tiny configuration (subprocesses).
+
+Covers: each method for one iteration; resume after SIGKILL-style crashes during sampling, DPO and
+SFT (the final results equal an uninterrupted run's, no stage output duplicated or lost); a changed
+config under an existing workdir is refused; bad input exits non-zero with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few dozen problems, one iteration, short schedules: the whole loop in well under a minute.
+TINY = [
+    "--config.iterations=1",
+    "--config.progress=False",
+    "--config.data.synthetic.n_train=48",
+    "--config.data.synthetic.n_dev=16",
+    "--config.data.synthetic.n_test=16",
+    "--config.data.synthetic.max_steps=2",
+    "--config.sft.epochs=2",
+    "--config.sft.batch_size=16",
+    "--config.dpo.steps=4",
+    "--config.dpo.batch_size=8",
+    "--config.dpo.eval_pairs=8",
+    "--config.checkpoint.every_steps=2",
+    "--config.sampling.pairs.num_samples=2",
+    "--config.sampling.labels.num_samples=2",
+    "--config.sampling.pairs.shard_questions=16",
+    "--config.sampling.labels.shard_questions=16",
+    "--config.sampling.pairs.max_new_tokens=48",
+    "--config.sampling.labels.max_new_tokens=48",
+    "--config.sampling.eval.max_new_tokens=48",
+]
+
+
+def run_main(workdir, *extra, env=None, check=True):
+    cmd = [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={workdir}", *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, **(env or {})))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def load_results(workdir) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def comparable(results: dict) -> dict:
+    """results.json without wall-clock fields."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "seconds"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return strip(results)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    run_main(workdir, "--config.method=dpo_st")
+    return workdir
+
+
+def test_dpo_st_end_to_end(reference_run):
+    results = load_results(reference_run)
+    assert results["method"] == "dpo_st"
+    assert [(s["iteration"], s["stage"]) for s in results["stages"]] == [(0, "sft"), (1, "dpo"), (1, "sft")]
+    dpo, sft1 = results["stages"][1], results["stages"][2]
+    assert dpo["pairs"] > 0 and sft1["pseudo_labels"] >= 48  # every gold rationale is a label
+    for stage in results["stages"]:
+        assert set(stage["eval"]) == {"dev", "test"} and stage["eval"]["test"]["n"] == 16
+        assert stage["flops"] > 0
+    assert results["final"]["model"] == "sft_1"
+    for name in ("report.md", "accuracy.png", "config.json"):
+        assert os.path.exists(os.path.join(reference_run, name)), name
+    # DPO used the sampler's log-probs for the reference's own samples.
+    with open(os.path.join(reference_run, "iter_1", "dpo", "manifest.json")) as f:
+        assert json.load(f)["harvested_reference_logps"] > 0
+
+
+@pytest.mark.parametrize("method,stages", [("sft", [(0, "sft")]), ("st", [(0, "sft"), (1, "sft")])])
+def test_other_methods_end_to_end(tmp_path, method, stages):
+    run_main(tmp_path, f"--config.method={method}")
+    results = load_results(tmp_path)
+    assert [(s["iteration"], s["stage"]) for s in results["stages"]] == stages
+    assert not os.path.exists(os.path.join(tmp_path, "iter_1", "dpo"))
+
+
+@pytest.mark.parametrize("crash", [
+    {"DPOST_TEST_KILL_AFTER_SHARD": "iter_1/sample_pairs:0"},
+    {"DPOST_TEST_KILL_STAGE": "iter_1/dpo", "DPOST_TEST_KILL_AFTER_STEP": "2"},
+    {"DPOST_TEST_KILL_STAGE": "iter_1/sft", "DPOST_TEST_KILL_AFTER_STEP": "2"},
+], ids=["sampling", "dpo", "sft"])
+def test_resume_after_crash_matches_uninterrupted(tmp_path, reference_run, crash):
+    killed = run_main(tmp_path, "--config.method=dpo_st", env=crash, check=False)
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(tmp_path, "results.json"))
+    run_main(tmp_path, "--config.method=dpo_st")
+    assert comparable(load_results(tmp_path)) == comparable(load_results(reference_run))
+    # No sampling shard lost or duplicated: the same files, each question once.
+    for stage in ("sample_pairs", "sample_labels"):
+        ours = sorted(os.listdir(os.path.join(tmp_path, "iter_1", stage)))
+        assert ours == sorted(os.listdir(os.path.join(reference_run, "iter_1", stage)))
+        ids = []
+        for name in ours:
+            if name.startswith("shard_"):
+                with open(os.path.join(tmp_path, "iter_1", stage, name)) as f:
+                    ids += [json.loads(line)["id"] for line in f]
+        assert len(ids) == len(set(ids)) == 48
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_changed_config_is_refused(reference_run):
+    proc = run_main(reference_run, "--config.method=dpo_st", "--config.dpo.beta=0.5", check=False)
+    assert proc.returncode != 0
+    assert "dpo.beta" in proc.stderr and "0.1" in proc.stderr and "0.5" in proc.stderr
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+    proc = run_main(tmp_path, "--config.dpo.betta=0.5", check=False)
+    assert proc.returncode != 0 and "betta" in proc.stderr
+
+
+def test_malformed_data_line_names_file_and_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = json.dumps({"question": "Q?", "answer": "1+1=<<1+1=2>>2\n#### 2", "ans": 2})
+    (data / "train.jsonl").write_text(good + "\n" + '{"question": "no answer"}\n')
+    (data / "dev.jsonl").write_text(good + "\n")
+    (data / "test.jsonl").write_text(good + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={tmp_path / 'w'}",
+         "--config.data.source=local", f"--config.data.dir={data}", "--config.model.source=scratch"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert f"{data / 'train.jsonl'}:2" in proc.stderr and "answer" in proc.stderr
