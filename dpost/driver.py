@@ -25,7 +25,7 @@ import jax
 import logging
 from etils import epath
 
-from dpost import evaluation, models, reports, sharding, stages
+from dpost import evaluation, models, plan, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
@@ -193,6 +193,8 @@ def setup(config, workdir: str, config_path: str) -> Run:
     rundir.guard_config()
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.sharding.rules)
+    memory_plan = plan.plan(config, dict(mesh.shape), None)
+    plan.check_fits(memory_plan)  # refuse, with the numbers, a run that cannot fit in device memory
     task = load_task(config, workdir)
     base = load_base_model(config, task, mesh, rules)
     log.info("run %s: %s, %d train questions, eval sets %s, mesh %s", workdir, base.source,
