@@ -16,24 +16,26 @@ def get_config():
     c.model.scratch = dict(
         hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512,
-        tokenizer_vocab_size=384,
+        tokenizer_vocab_size=1024,
     )
     c.data.source = "synthetic"
-    c.data.synthetic = dict(n_train=1000, n_dev=200, n_test=500, min_steps=2, max_steps=4, max_start=50,
-                            max_operand=20, max_factor=5, max_value=999)
+    c.data.synthetic = dict(n_train=1000, n_dev=200, n_test=500, min_steps=2, max_steps=3, max_start=20,
+                            max_operand=9, max_factor=4, max_value=200)
     c.data.eval_splits = ("dev", "test")
     c.data.max_prompt_len = 128
-    c.data.max_target_len = 96
+    c.data.max_target_len = 128
 
-    c.sft.epochs = 6
-    c.sft.batch_size = 32
-    c.sft.optimizer.learning_rate = 3e-3
+    # Calibrated on warm-up SFT alone (dev accuracy 46% with seed 0) before any ST/DPO-ST run.
+    c.sft.epochs = 12
+    c.sft.max_steps = 750  # every SFT stage gets the warm-up's compute, also on larger pseudo-label sets
+    c.sft.batch_size = 16
+    c.sft.optimizer.learning_rate = 1e-2
     c.dpo.steps = 40
     c.dpo.batch_size = 32
-    c.dpo.optimizer.learning_rate = 1e-4
+    c.dpo.optimizer.learning_rate = 2e-4
     c.dpo.eval_pairs = 64
     for name in ("pairs", "labels", "eval"):
         c.sampling[name].max_new_tokens = 96
         c.sampling[name].batch_size = 256
-    c.checkpoint.every_steps = 50
+    c.checkpoint.every_steps = 250
     return c

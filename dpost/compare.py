@@ -9,7 +9,7 @@ same way); WORKDIR/comparison.md, comparison.json and accuracy.png hold mean and
 
 from __future__ import annotations
 
-import json
+import shutil
 import sys
 
 import numpy as np
@@ -57,6 +57,15 @@ def markdown(summary: dict, split: str, config_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def share_warmup(source: epath.Path, target: epath.Path) -> None:
+    """Copies a finished warm-up (iter_0: SFT_0, its evaluation) and the task data to another
+    method's run of the same seed; its stage hashes ignore the method, so the run reuses them."""
+    for name in ("iter_0", "data"):
+        src, dst = source / name, target / name
+        if src.exists() and not dst.exists():
+            shutil.copytree(str(src), str(dst))
+
+
 def main(argv) -> int:
     del argv
     from dpost import driver
@@ -68,14 +77,18 @@ def main(argv) -> int:
     root = epath.Path(_WORKDIR.value or "runs/compare")
     runs: dict[str, list[dict]] = {}
     try:
-        for method in _METHODS.value:
-            for seed in map(int, _SEEDS.value):
+        for seed in map(int, _SEEDS.value):
+            first = None
+            for method in _METHODS.value:
                 config = base.copy_and_resolve_references()
                 config.unlock()
                 config.method, config.seed = method, seed
                 config.lock()
-                runs.setdefault(method, []).append(
-                    driver.run(config, str(root / method / f"seed_{seed}"), config_path=config_path))
+                workdir = root / method / f"seed_{seed}"
+                if first is not None:
+                    share_warmup(first, workdir)
+                runs.setdefault(method, []).append(driver.run(config, str(workdir), config_path=config_path))
+                first = first or workdir
     except (ValueError, FileNotFoundError) as err:
         print(f"dpost.compare: error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,9 @@ MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 # Fields that may change between reruns without invalidating finished stages.
 RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every")
+# Fields the warm-up (iteration 0: SFT_0 and its evaluation) does not depend on: runs of different
+# methods with one seed share SFT_0 (`dpost.compare` copies it instead of training it again).
+LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "sampling.pairs.", "sampling.labels.")
 
 
 def flatten_config(config) -> dict[str, Any]:
@@ -42,8 +45,8 @@ def flatten_config(config) -> dict[str, Any]:
     return out
 
 
-def config_hash(flat: dict[str, Any]) -> str:
-    kept = {k: v for k, v in flat.items() if not k.startswith(RUNTIME_FIELDS)}
+def config_hash(flat: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    kept = {k: v for k, v in flat.items() if not k.startswith(RUNTIME_FIELDS + ignore)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -78,6 +81,7 @@ class RunDir:
         self.root = epath.Path(root)
         self.flat = flatten_config(config)
         self.hash = config_hash(self.flat)
+        self.warmup_hash = config_hash(self.flat, LOOP_FIELDS)
         self.config_path = config_path
 
     def guard_config(self) -> None:
@@ -100,7 +104,7 @@ class RunDir:
             write_json_atomic(path, {"config_path": self.config_path, "hash": self.hash, "config": self.flat})
 
     def stage(self, iteration: int, name: str) -> "StageDir":
-        return StageDir(self.root / f"iter_{iteration}" / name, self.hash)
+        return StageDir(self.root / f"iter_{iteration}" / name, self.warmup_hash if iteration == 0 else self.hash)
 
 
 def _norm(v):

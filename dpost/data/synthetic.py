@@ -1,7 +1,7 @@
 """A synthetic multi-step arithmetic task written as GSM8K rows (the CPU default).
 
 Each problem: a person starts with some items, then 2-4 operations change the count; the
-rationale has one GSM8K-style line per step (``a+b=<<a+b=r>>r``) and a final ``#### N``. Few
+rationale has one GSM8K-style equation line per step (``a+b=<<a+b=r>>r``) and a final ``#### N``. Few
 templates, names and items, and integer results only, so a tiny model can learn it in minutes and
 the whole DPO-ST loop (sampling, calculator, pairs, pseudo-labels) runs on a laptop.
 
@@ -57,14 +57,12 @@ class Difficulty:
 
 # op -> (question sentence, rationale line). Fields: n (name), i (item), k (operand), x (before), r (after).
 _TEMPLATES = {
-    "+": ("Then {n} gets {k} more {i}s.",
-          "{n} gets {k} more, so {n} has {x}+{k}=<<{x}+{k}={r}>>{r} {i}s."),
-    "-": ("Then {n} gives away {k} {i}s.",
-          "{n} gives away {k}, so {n} has {x}-{k}=<<{x}-{k}={r}>>{r} {i}s."),
-    "*": ("Then {n} ends up with {k} times as many {i}s.",
-          "{n} has {k} times as many, so {n} has {x}*{k}=<<{x}*{k}={r}>>{r} {i}s."),
-    "/": ("Then {n} splits the {i}s into {k} equal piles and keeps one pile.",
-          "{n} keeps one of {k} piles, so {n} has {x}/{k}=<<{x}/{k}={r}>>{r} {i}s."),
+    # Rationale lines are terse (the step's equation only) so a tiny model's sequences stay short;
+    # choosing the operation and operands is the reasoning the model must learn.
+    "+": ("Then {n} gets {k} more {i}s.", "{x}+{k}=<<{x}+{k}={r}>>{r}"),
+    "-": ("Then {n} gives away {k} {i}s.", "{x}-{k}=<<{x}-{k}={r}>>{r}"),
+    "*": ("Then {n} ends up with {k} times as many {i}s.", "{x}*{k}=<<{x}*{k}={r}>>{r}"),
+    "/": ("Then {n} splits the {i}s into {k} equal piles and keeps one pile.", "{x}/{k}=<<{x}/{k}={r}>>{r}"),
 }
 
 
