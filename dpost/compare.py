@@ -69,9 +69,9 @@ def share_warmup(source: epath.Path, target: epath.Path) -> None:
 def main(argv) -> int:
     del argv
     from dpost import driver
-    from dpost.main import configure_logging
+    from dpost import console
 
-    configure_logging()
+    console.configure_logging()
     base = _CONFIG.value
     config_path = flags.FLAGS["config"].config_filename
     root = epath.Path(_WORKDIR.value or "runs/compare")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -29,23 +29,11 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", name)
 
 
-def configure_logging() -> None:
-    """dpost's own messages at INFO on stderr; libraries (Orbax, absl) only from WARNING up."""
-    import logging as std_logging
-
-    logging.set_verbosity(logging.WARNING)
-    handler = std_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(std_logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = std_logging.getLogger("dpost")
-    root.setLevel(std_logging.INFO)
-    root.addHandler(handler)
-    root.propagate = False
-
-
 def main(argv) -> int:
     del argv
-    configure_logging()
-    from dpost import distributed
+    from dpost import console, distributed
+
+    console.configure_logging()
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from dpost import driver
@@ -64,7 +52,6 @@ def main(argv) -> int:
         else:
             raise ValueError(f"config field 'mode' must be 'train' or 'eval', got {config.mode!r}")
     except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, non-zero exit
-        logging.error("%s", err)
         print(f"dpost: error: {err}", file=sys.stderr)
         return 2
     return 0
