@@ -18,7 +18,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from dpost import reports
-from dpost.workdir import write_json_atomic, write_text_atomic
+from dpost.workdir import absolute, write_json_atomic, write_text_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -74,7 +74,7 @@ def main(argv) -> int:
     console.configure_logging()
     base = _CONFIG.value
     config_path = flags.FLAGS["config"].config_filename
-    root = epath.Path(_WORKDIR.value or "runs/compare")
+    root = absolute(_WORKDIR.value or "runs/compare")
     runs: dict[str, list[dict]] = {}
     try:
         for seed in map(int, _SEEDS.value):

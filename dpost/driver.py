@@ -29,7 +29,7 @@ from dpost import evaluation, models, plan, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
-from dpost.workdir import RunDir, StageDir
+from dpost.workdir import RunDir, StageDir, absolute
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     model = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
     if model.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
-    out = epath.Path(workdir)
+    out = absolute(workdir)
     results = evaluation.evaluate(
         model, task.eval_sets, config.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
         progress=config.progress, out_dir=out, pass_at_k=config.eval.pass_at_k,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any, Iterable
 
@@ -76,9 +77,14 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+def absolute(path: str) -> epath.Path:
+    """Orbax wants absolute paths; URLs (gs://...) are left as they are."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 class RunDir:
     def __init__(self, root: str, config, config_path: str = ""):
-        self.root = epath.Path(root)
+        self.root = absolute(root)
         self.flat = flatten_config(config)
         self.hash = config_hash(self.flat)
         self.warmup_hash = config_hash(self.flat, LOOP_FIELDS)

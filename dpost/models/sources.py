@@ -182,7 +182,7 @@ def _from_gguf(location: str, source: str):
 def _from_orbax(location: str, source: str):
     from etils import epath
 
-    root = epath.Path(location)
+    root = epath.Path(location if "://" in location else os.path.abspath(location))
     info_path = root / MODEL_INFO_FILE
     if not info_path.exists():
         raise ValueError(f"{source}: missing file {info_path} (not a dpost model checkpoint)")
@@ -252,7 +252,7 @@ def save_orbax(bundle: ModelBundle, directory: str) -> None:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    root = epath.Path(directory)
+    root = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     root.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(root / PARAMS_DIR, bundle.params, force=True)
