@@ -89,7 +89,6 @@ def base_config() -> ml_collections.ConfigDict:
             batch_size=96,  # global batch (sequences per optimizer step)
             grad_accum=1,
             optimizer=optimizer_fields(learning_rate=3e-4),
-            packing=False,  # decoder-only: pack several examples per row
         )
     )
 
