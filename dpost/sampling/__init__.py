@@ -1,0 +1,249 @@
+"""Compiled sampling (greedy, temperature, top-k, top-p) with calculator-assisted decoding.
+
+    samples = sampling.generate(bundle, prompts, num_samples=5, temperature=0.7, calculator=True)
+    samples[i][j]  # Sample(text, token_ids, token_logprobs, finish_reason) of prompt i, sample j
+
+Prompts: ``list[str]`` or ``list[list[int]]``. Text prompts are tokenized with the bundle's
+tokenizer with its default special tokens: for Llama the caller's text is used as is, plus BOS
+when the tokenizer adds one (Llama-2 does; SmolLM2's does not), for T5 the tokenizer's EOS ends
+the encoder input. Pass token ids to control special tokens exactly.
+
+Outputs per sample: ``token_ids`` are the generated tokens only (no prompt), including the EOS
+token when one was emitted (``finish_reason == "eos"``; otherwise ``"length"``: ``max_new_tokens``
+reached). ``token_logprobs[k]`` is log p(token_ids[k] | prompt, token_ids[:k]) under the model's
+untempered distribution (fp32; calculator-forced tokens included), so ``sum(token_logprobs)``
+equals ``models.sequence_logprobs`` of the completion. ``text`` decodes ``token_ids`` without the
+EOS and without special tokens.
+
+Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batch size,
+companions in the batch or device count. Calculator-forced tokens count toward ``max_new_tokens``.
+
+Batching: prompts run in chunks of ``batch_size`` prompts (default: up to 64 rows of
+``num_samples`` each, times the mesh's batch shards); the batch is padded to a power of two (a
+multiple of the batch shards) and the prompt length to a power of two (>= 16) or to the smallest
+of ``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
+bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dpost import sharding as sharding_lib
+from dpost.models.bundle import ModelBundle
+from dpost.models.scoring import bucket_length, pad_batch
+from dpost.sampling import forcing
+from dpost.sampling.progress import Progress
+from dpost.sampling.sampler import StaticOptions, compiled_program_count, programs
+
+__all__ = ["generate", "Sample", "compiled_program_count"]
+
+DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) per chunk per batch shard
+MIN_PROMPT_BUCKET = 16
+QUEUE_SIZE = 32  # most tokens one calculator result (+ closing marker) may force
+
+
+@dataclasses.dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    finish_reason: str  # "eos" | "length"
+
+
+def _tokenize(bundle: ModelBundle, prompts) -> list[list[int]]:
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if all(isinstance(p, str) for p in prompts):
+        if bundle.tokenizer is None:
+            raise ValueError("text prompts need a bundle with a tokenizer; pass token ids instead")
+        rows = [list(ids) for ids in bundle.tokenizer(prompts)["input_ids"]]
+    elif all(not isinstance(p, str) for p in prompts):
+        rows = [[int(t) for t in p] for p in prompts]
+    else:
+        raise ValueError("prompts must be all strings or all token-id lists")
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+    return rows
+
+
+def _prompt_bucket(length: int, buckets: Sequence[int] | None) -> int:
+    if buckets:
+        fitting = [int(b) for b in buckets if int(b) >= length]
+        if fitting:
+            return min(fitting)
+    return bucket_length(length, MIN_PROMPT_BUCKET)
+
+
+def _batch_shards(mesh) -> int:
+    if mesh is None:
+        return 1
+    return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
+
+
+def _batch_bucket(count: int, cap: int, shards: int) -> int:
+    size = min(1 << max(0, count - 1).bit_length(), max(cap, count))
+    return int(math.ceil(size / shards) * shards)
+
+
+def _params_on(bundle: ModelBundle, mesh):
+    if mesh is None or mesh is bundle.mesh:
+        return bundle.params
+    from dpost.models import registry, sources
+
+    boxed = sources.abstract_params(registry.get_family(bundle.family), bundle.config)
+    return jax.device_put(bundle.params, sharding_lib.param_shardings(boxed, mesh))
+
+
+def _put(x, mesh, batch: bool):
+    if mesh is None:
+        return x
+    if batch:
+        return jax.device_put(x, sharding_lib.batch_sharding(mesh, np.ndim(x)))
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def generate(
+    bundle: ModelBundle,
+    prompts,
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 300,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    calculator: bool = False,
+    mesh=None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    ignore_eos: bool = False,
+    length_buckets: Sequence[int] | None = None,
+) -> list[list[Sample]]:
+    """Samples `num_samples` completions per prompt; one inner list per prompt (see module doc).
+
+    temperature == 0 is greedy (top-k / top-p then do nothing). ``ignore_eos`` keeps decoding past
+    EOS (benchmarks); ``length_buckets`` replaces the power-of-two prompt-length buckets.
+    """
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError("num_samples and max_new_tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    rows = _tokenize(bundle, prompts)
+    if not rows:
+        return []
+    mesh = mesh if mesh is not None else bundle.mesh
+    params = _params_on(bundle, mesh)
+    vocab = int(bundle.config.vocab_size)
+    greedy = temperature == 0
+    opts = StaticOptions(
+        max_new_tokens=int(max_new_tokens),
+        num_samples=int(num_samples),
+        greedy=greedy,
+        top_k=0 if greedy or top_k >= vocab else int(top_k),
+        top_p=(not greedy) and top_p < 1.0,
+        calculator=bool(calculator),
+        ignore_eos=bool(ignore_eos),
+        eos_id=bundle.eos_token_id,
+        pad_id=bundle.pad_token_id,
+        queue_size=QUEUE_SIZE,
+        mesh=mesh,
+    )
+    tokenizer = bundle.tokenizer
+    if calculator:
+        if tokenizer is None:
+            raise ValueError("calculator=True needs a bundle with a tokenizer")
+        tables = forcing.tables_for(tokenizer, bundle.family, vocab)
+        next_table, event_table, calc_start = tables.next_state, tables.event, tables.start
+    else:
+        next_table, event_table, calc_start = np.zeros((1, 1), np.int32), np.zeros((1, 1), bool), 0
+    next_table, event_table = _put(next_table, mesh, False), _put(event_table, mesh, False)
+    temperature_arr = np.float32(temperature if not greedy else 1.0)
+    top_p_arr = np.float32(top_p)
+    seed_arr = np.uint32(int(seed) % (1 << 32))
+
+    shards = _batch_shards(mesh)
+    if batch_size is None:
+        batch_size = max(1, DEFAULT_MAX_ROWS // num_samples) * shards
+    batch_size = max(1, int(batch_size))
+    bar = Progress(len(rows), progress)
+    results: list[list[Sample]] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            results.extend(_run_chunk(bundle, params, opts, chunk, start, batch_size, shards, length_buckets,
+                                      (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start),
+                                      bar))
+    finally:
+        bar.close()
+    return results
+
+
+def _run_chunk(bundle, params, opts: StaticOptions, chunk, start, batch_size, shards, length_buckets, traced, bar):
+    temperature, top_p, seed, next_table, event_table, calc_start = traced
+    n = opts.num_samples
+    mesh = opts.mesh
+    b = _batch_bucket(len(chunk), batch_size, shards)
+    p = _prompt_bucket(max(len(r) for r in chunk), length_buckets)
+    padded = chunk + [chunk[0]] * (b - len(chunk))
+    prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=p)
+    valid = np.arange(b) < len(chunk)
+    prompt_index = np.repeat(np.where(valid, start + np.arange(b), 0), n).astype(np.int32)
+    sample_index = np.tile(np.arange(n, dtype=np.int32), b)
+    row_valid = np.repeat(valid, n)
+    rows = b * n
+    vocab = int(bundle.config.vocab_size)
+
+    prefill_program, decode_program = programs()
+    state, flags = prefill_program(
+        bundle.module, opts.for_prefill(), params, _put(prompt, mesh, True), _put(prompt_mask, mesh, True),
+        _put(prompt_index, mesh, True), _put(sample_index, mesh, True), _put(row_valid, mesh, True),
+        np.int32(calc_start),
+    )
+    queue = np.zeros((rows, opts.queue_size), np.int32)
+    queue_len = np.zeros((rows,), np.int32)
+    while True:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+            state, flags = decode_program(
+                bundle.module, opts, params, state, _put(queue, mesh, True), _put(queue_len, mesh, True),
+                temperature, top_p, seed, next_table, event_table,
+            )
+        step, _, any_event, emitted = (int(x) for x in np.asarray(flags))
+        if not any_event:
+            break
+        bar.tokens_so_far(emitted)
+        events, tokens = jax.device_get((state["event"], state["tokens"]))
+        queue[:] = 0
+        queue_len[:] = 0
+        for r in np.flatnonzero(events):
+            ids = forcing.forced_ids(bundle.tokenizer, bundle.family, tokens[r, :step].tolist())
+            if ids and len(ids) <= opts.queue_size and all(0 <= t < vocab for t in ids):
+                queue[r, : len(ids)] = ids
+                queue_len[r] = len(ids)
+
+    tokens, logprobs, length, eos = jax.device_get((state["tokens"], state["logprobs"], state["length"], state["eos"]))
+    out: list[list[Sample]] = []
+    tokenizer = bundle.tokenizer
+    for i in range(len(chunk)):
+        samples = []
+        for j in range(n):
+            r = i * n + j
+            ids = tokens[r, : length[r]].tolist()
+            lps = logprobs[r, : length[r]].tolist()
+            finished = bool(eos[r])
+            text_ids = ids[:-1] if finished else ids
+            text = tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else ""
+            samples.append(Sample(text, ids, lps, "eos" if finished else "length"))
+        out.append(samples)
+    bar.chunk_done(len(chunk), int(length[: len(chunk) * n].sum()))
+    return out

@@ -1,0 +1,521 @@
+"""Jitted SFT and DPO train steps (and their eval counterparts).
+
+One step = one optimizer update on one global batch:
+
+* the batch is split into `grad_accum` micro-batches (strided rows, so every device keeps an equal
+  share of each micro-batch) and gradients are summed in fp32 with `lax.scan`;
+* losses are normalised by global-batch counts (target tokens for SFT, valid pairs for DPO) that
+  are computed before the scan, so the result is independent of the device count and of
+  `grad_accum` (not a per-device or per-micro-batch mean of means);
+* with a mesh, the train state is laid out by the logical-axis rules (params, grads and optimizer
+  moments sharded alike), the batch is sharded along `batch`, and the state is donated;
+* shapes are static per stage, so a stage compiles one program (`step.jitted._cache_size()`).
+
+Batches are dicts of arrays as produced by `dpost.data.pipeline`:
+  SFT:  prompt, prompt_mask [B, P] (left-padded), completion, completion_mask [B, C] (right-padded)
+        or, packed (decoder-only): inputs, targets, segment_ids, positions, loss_mask [B, T]
+  DPO:  prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask; with a precomputed
+        reference also ref_chosen_logps, ref_rejected_logps [B]
+  optional valid [B] (0 = filler row, excluded from every mean).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpost import sharding as sharding_lib
+from dpost.models import layers
+from dpost.models.scoring import completion_token_logprobs, token_logprobs_from_logits
+from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll
+from dpost.training.state import TrainState
+
+PACKED_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None  # weight of an NLL term on the chosen completions (RPO)
+    reference: str = "in_step"  # "in_step": ref params passed to the step | "precomputed": in the batch
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.reference not in ("in_step", "precomputed"):
+            raise ValueError(f"DPOConfig.reference must be 'in_step' or 'precomputed', got {self.reference!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# forward pieces
+# --------------------------------------------------------------------------------------------------
+def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
+    """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
+
+    The log-softmax is fp32 (`scoring.token_logprobs_from_logits`). With `chunk`, positions are
+    processed `chunk` at a time in a scan whose body is rematerialised, so at most one
+    [B, chunk, V] block of logits exists at once, in the forward *and* the backward pass (at the
+    price of recomputing the head matmul once in the backward pass).
+    """
+    def piece(p, h, t):
+        return token_logprobs_from_logits(module.apply({"params": p}, h, method="logits"), t)
+
+    b, length, d = hidden.shape
+    if not chunk or chunk >= length:
+        return piece(params, hidden, targets)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(piece)
+    _, out = jax.lax.scan(lambda carry, x: (carry, body(params, *x)), None, (h, t))
+    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+
+
+def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> jax.Array:
+    """[B, T] log-probs of `targets` for packed decoder-only rows (0 where loss_mask is 0).
+
+    Each row holds several examples separated by `segment_ids` (0 = padding); attention stays
+    within a segment and `positions` restart at 0 for every example, so a packed example sees
+    exactly what it would see alone.
+    """
+    seg = batch["segment_ids"]
+    mask = layers.causal_padding_mask(seg > 0, seg)
+    hidden, _ = module.apply({"params": params}, batch["inputs"], batch["positions"], mask, method="hidden_states")
+    return head_logprobs(module, params, hidden, batch["targets"], chunk) * batch["loss_mask"]
+
+
+def completion_logprobs(module, params, prompt, prompt_mask, completion, completion_mask,
+                        chunk: int | None = None) -> jax.Array:
+    """[B, C] masked completion-token log-probs. Without `chunk` this is the family interface
+    (`scoring.completion_token_logprobs`); with it (decoder-only), the same computation with the
+    vocab head chunked (see head_logprobs)."""
+    if not chunk or not is_decoder_only(module):
+        return completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask)
+    p = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, completion], axis=1)
+    valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+    hidden, _ = module.apply({"params": params}, tokens, layers.positions_from_mask(valid),
+                             layers.causal_padding_mask(valid), method="hidden_states")
+    return head_logprobs(module, params, hidden[:, p - 1: -1], completion, chunk) * completion_mask
+
+
+def _valid(batch, n: int) -> jax.Array:
+    v = batch.get("valid")
+    return jnp.ones((n,), jnp.float32) if v is None else v.astype(jnp.float32)
+
+
+def sft_token_logprobs(module, params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(token log-probs, loss mask), both [B, L], for a padded or a packed SFT batch."""
+    if "segment_ids" in batch:
+        return packed_token_logprobs(module, params, batch, chunk), batch["loss_mask"].astype(jnp.float32)
+    mask = batch["completion_mask"].astype(jnp.float32) * _valid(batch, batch["completion"].shape[0])[:, None]
+    logps = completion_logprobs(module, params, batch["prompt"], batch["prompt_mask"], batch["completion"],
+                                batch["completion_mask"], chunk)
+    return logps, mask
+
+
+def _pad_to(x: jax.Array, length: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+
+def is_decoder_only(module) -> bool:
+    """Decoder-only families expose hidden_states/logits; encoder-decoders (T5) have `encode`."""
+    return hasattr(module, "hidden_states") and hasattr(module, "logits") and not hasattr(module, "encode")
+
+
+def shared_prefix_pair_logprobs(module, params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Decoder-only: chosen and rejected in ONE sequence [prompt | chosen | rejected] per pair.
+
+    The prompt is run once instead of twice: rejected tokens attend to the prompt and to earlier
+    rejected tokens but not to the chosen block, and both completions take positions that continue
+    the prompt, so every completion token sees exactly the context it would see alone. Only the
+    positions that predict completion tokens reach the vocabulary head. With prompts of about the
+    completions' length this removes a quarter of the tokens of a DPO forward/backward pass.
+    Returns masked token log-probs (chosen [B, Cc], rejected [B, Cr]).
+    """
+    prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
+    chosen, chosen_mask = batch["chosen"], batch["chosen_mask"]
+    rejected, rejected_mask = batch["rejected"], batch["rejected_mask"]
+    p, cc, cr = prompt.shape[1], chosen.shape[1], rejected.shape[1]
+    tokens = jnp.concatenate([prompt, chosen, rejected], axis=1)
+    valid = jnp.concatenate([prompt_mask, chosen_mask, rejected_mask], axis=1).astype(bool)
+    n_prompt = prompt_mask.astype(jnp.int32).sum(-1, keepdims=True)
+    positions = jnp.concatenate(
+        [layers.positions_from_mask(prompt_mask), n_prompt + jnp.arange(cc), n_prompt + jnp.arange(cr)], axis=1
+    )
+    segment = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.ones(cc, jnp.int32), jnp.full(cr, 2, jnp.int32)])
+    t = p + cc + cr
+    allowed = jnp.tril(jnp.ones((t, t), bool)) & ((segment[None, :] == 0) | (segment[:, None] == segment[None, :]))
+    mask = allowed[None] & valid[:, None, :]
+    hidden, _ = module.apply({"params": params}, tokens, positions, mask, method="hidden_states")
+    # Prompts are left-padded: the last prompt token (which predicts both first tokens) is at p - 1.
+    index = jnp.concatenate([jnp.array([p - 1]), p + jnp.arange(cc - 1), jnp.array([p - 1]), p + cc + jnp.arange(cr - 1)])
+    targets = jnp.concatenate([chosen, rejected], axis=1)
+    logps = head_logprobs(module, params, jnp.take(hidden, index, axis=1), targets, chunk)
+    logps = logps * jnp.concatenate([chosen_mask, rejected_mask], axis=1)
+    return logps[:, :cc], logps[:, cc:]
+
+
+def pair_inputs(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected completions interleaved along the batch ([2B], row 2i chosen, 2i+1
+    rejected), sharing the prompt. Interleaving (not concatenating) keeps each pair on the device
+    that holds its prompt, so the doubled batch needs no communication."""
+    c = max(batch["chosen"].shape[1], batch["rejected"].shape[1])
+
+    def interleave(a, b):
+        return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+    completion = interleave(_pad_to(batch["chosen"], c), _pad_to(batch["rejected"], c))
+    completion_mask = interleave(_pad_to(batch["chosen_mask"], c), _pad_to(batch["rejected_mask"], c))
+    prompt = jnp.repeat(batch["prompt"], 2, axis=0)
+    prompt_mask = jnp.repeat(batch["prompt_mask"], 2, axis=0)
+    return prompt, prompt_mask, completion, completion_mask
+
+
+def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None,
+                        chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Masked token log-probs of (chosen [B, Cc], rejected [B, Cr]) in one forward pass.
+
+    shared_prefix (default: for decoder-only models) runs the prompt once per pair; otherwise the
+    pairs are laid out as a doubled batch through the family's `completion_logits`."""
+    if shared_prefix is None:
+        shared_prefix = is_decoder_only(module)
+    if shared_prefix:
+        return shared_prefix_pair_logprobs(module, params, batch, chunk)
+    prompt, prompt_mask, completion, completion_mask = pair_inputs(batch)
+    logps = completion_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
+    b = batch["prompt"].shape[0]
+    logps = logps.reshape(b, 2, -1)
+    return logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]
+
+
+def reference_logps(module, ref_params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed reference log-probs ([B], [B]) of chosen and rejected; never differentiated."""
+    chosen, rejected = pair_token_logprobs(module, jax.lax.stop_gradient(ref_params), batch, chunk=chunk)
+    return jax.lax.stop_gradient(chosen.sum(-1)), jax.lax.stop_gradient(rejected.sum(-1))
+
+
+def dpo_terms(module, params, batch, cfg: DPOConfig, ref_chosen, ref_rejected, chunk: int | None = None):
+    """Per-pair DPO quantities for one (micro-)batch: dict of [B] arrays and token sums."""
+    chosen_logps, rejected_logps = pair_token_logprobs(module, params, batch, chunk=chunk)
+    chosen_mask = batch["chosen_mask"].astype(jnp.float32)
+    rejected_mask = batch["rejected_mask"].astype(jnp.float32)
+    policy_chosen, policy_rejected = chosen_logps.sum(-1), rejected_logps.sum(-1)
+    ipo = cfg.loss_type == "ipo"
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        chosen_lengths=chosen_mask.sum(-1) if ipo else None,
+        rejected_lengths=rejected_mask.sum(-1) if ipo else None,
+    )
+    valid = _valid(batch, policy_chosen.shape[0])
+    chosen_nll, chosen_tokens = masked_nll(chosen_logps, chosen_mask * valid[:, None])
+    return {
+        "losses": losses,
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "policy_chosen": policy_chosen,
+        "policy_rejected": policy_rejected,
+        "valid": valid,
+        "chosen_nll": chosen_nll,
+        "chosen_tokens": chosen_tokens,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# micro-batching
+# --------------------------------------------------------------------------------------------------
+def split_microbatches(batch, grad_accum: int):
+    """[B, ...] -> [A, B/A, ...] with micro-batch a = rows a, a+A, a+2A, ... (device-local rows)."""
+    def split(x):
+        b = x.shape[0]
+        if b % grad_accum:
+            raise ValueError(f"batch size {b} is not divisible by grad_accum={grad_accum}")
+        return jnp.swapaxes(x.reshape((b // grad_accum, grad_accum) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(grad_fn, params, batch, grad_accum: int, constrain_grads):
+    """Sum of (grads, aux) of grad_fn over micro-batches (grad_fn already divides by global counts)."""
+    if grad_accum == 1:
+        (_, aux), grads = grad_fn(params, batch)
+        return constrain_grads(grads), aux
+    micro = split_microbatches(batch, grad_accum)
+
+    def body(carry, mb):
+        g_acc, a_acc = carry
+        (_, aux), grads = grad_fn(params, mb)
+        g_acc = constrain_grads(jax.tree.map(jnp.add, g_acc, grads))
+        return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], params, first)
+    zeros_g = constrain_grads(jax.tree.map(jnp.zeros_like, params))
+    zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+    (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_a), micro)
+    return grads, aux
+
+
+def _apply_update(state: TrainState, grads, optimizer, lr_schedule):
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    lr = lr_schedule(state.step) if lr_schedule is not None else jnp.nan
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"grad_norm": grad_norm, "learning_rate": jnp.asarray(lr, jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# jit with shardings
+# --------------------------------------------------------------------------------------------------
+class Step:
+    """A jitted step plus the context (mesh, logical rules) its trace needs.
+
+    Call as `step(state, batch)` (or `step(state, batch, ref_params)` for the in-step DPO
+    reference). `step.jitted` is the underlying `jax.jit` object (`_cache_size()`, `lower`).
+    """
+
+    def __init__(self, fn: Callable, mesh: Mesh | None, rules, jitted):
+        self.fn, self.mesh, self.rules, self.jitted = fn, mesh, rules, jitted
+
+    def __call__(self, *args):
+        with sharding_lib.activation_rules(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with sharding_lib.activation_rules(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+def _batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    # One prefix sharding for every leaf of the batch dict: leading axis = `batch`.
+    return sharding_lib.batch_sharding(mesh, 1, rules)
+
+
+def _jit_step(fn, *, mesh, rules, state_shardings, ref_shardings, n_args: int, donate: bool) -> Step:
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return Step(fn, None, rules, jax.jit(fn, donate_argnums=donate_argnums))
+    if state_shardings is None:
+        raise ValueError("a sharded step needs state_shardings (see training.state_shardings)")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    in_sh = [state_shardings, _batch_sharding(mesh, rules)]
+    if n_args == 3:
+        in_sh.append(ref_shardings if ref_shardings is not None else state_shardings.params)
+    jitted = jax.jit(
+        fn, in_shardings=tuple(in_sh), out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums
+    )
+    return Step(fn, mesh, rules, jitted)
+
+
+def _grad_constraint(mesh, state_shardings):
+    if mesh is None or state_shardings is None:
+        return lambda g: g
+    return lambda g: jax.lax.with_sharding_constraint(g, state_shardings.params)
+
+
+def _batch_constraint(mesh, rules):
+    if mesh is None:
+        return lambda b: b
+    sh = _batch_sharding(mesh, rules)
+    return lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), b)
+
+
+# --------------------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------------------
+def make_sft_step(
+    module,
+    optimizer: optax.GradientTransformation,
+    *,
+    lr_schedule: Callable | None = None,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+    rules=None,
+    state_shardings: TrainState | None = None,
+    donate: bool = True,
+    logits_chunk: int | None = None,
+) -> Step:
+    """step(state, batch) -> (state, metrics): masked NLL over target tokens, mean over the global
+    batch's target tokens. Metrics: loss, tokens (target tokens), grad_norm, learning_rate.
+    logits_chunk: compute the vocab head this many positions at a time (decoder-only; saves memory)."""
+    constrain_grads = _grad_constraint(mesh, state_shardings)
+    constrain_batch = _batch_constraint(mesh, rules)
+
+    def step(state: TrainState, batch):
+        batch = constrain_batch(batch)
+        if "segment_ids" in batch:
+            total_tokens = batch["loss_mask"].astype(jnp.float32).sum()
+        else:
+            valid = _valid(batch, batch["completion"].shape[0])
+            total_tokens = (batch["completion_mask"].astype(jnp.float32) * valid[:, None]).sum()
+        denom = jnp.maximum(total_tokens, 1.0)
+
+        def loss_fn(params, mb):
+            logps, mask = sft_token_logprobs(module, params, mb, logits_chunk)
+            nll, _ = masked_nll(logps, mask)
+            return nll / denom, {"nll": nll}
+
+        grads, aux = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state.params, batch, grad_accum,
+                                 constrain_grads)
+        state, extra = _apply_update(state, grads, optimizer, lr_schedule)
+        metrics = {"loss": aux["nll"] / denom, "tokens": total_tokens, **extra}
+        return state, metrics
+
+    return _jit_step(step, mesh=mesh, rules=rules, state_shardings=state_shardings, ref_shardings=None,
+                     n_args=2, donate=donate)
+
+
+def make_sft_eval_step(module, *, mesh: Mesh | None = None, rules=None, param_shardings=None,
+                       logits_chunk: int | None = None) -> Step:
+    """eval(params, batch) -> {"nll_sum", "tokens"} (sum them over batches; loss = nll_sum / tokens)."""
+    def fn(params, batch):
+        logps, mask = sft_token_logprobs(module, params, batch, logits_chunk)
+        nll, tokens = masked_nll(logps, mask)
+        return {"nll_sum": nll, "tokens": tokens}
+
+    if mesh is None:
+        return Step(fn, None, rules, jax.jit(fn))
+    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(mesh, rules))))
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------------
+DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
+
+
+def _dpo_sums(t, cfg: DPOConfig, n_pairs, n_chosen_tokens):
+    """Per-micro-batch loss (already divided by global counts) and metric sums."""
+    v = t["valid"]
+    pair_loss = (t["losses"] * v).sum() / n_pairs
+    loss = pair_loss
+    if cfg.rpo_alpha:
+        loss = loss + cfg.rpo_alpha * t["chosen_nll"] / n_chosen_tokens
+    sums = {
+        "loss": loss,
+        "rewards/chosen": (t["chosen_rewards"] * v).sum(),
+        "rewards/rejected": (t["rejected_rewards"] * v).sum(),
+        "rewards/margins": ((t["chosen_rewards"] - t["rejected_rewards"]) * v).sum(),
+        "rewards/accuracies": ((t["chosen_rewards"] > t["rejected_rewards"]).astype(jnp.float32) * v).sum(),
+        "logps/chosen": (jax.lax.stop_gradient(t["policy_chosen"]) * v).sum(),
+        "logps/rejected": (jax.lax.stop_gradient(t["policy_rejected"]) * v).sum(),
+        "nll": jax.lax.stop_gradient(t["chosen_nll"]),
+    }
+    return loss, sums
+
+
+def _finish_dpo_metrics(sums, n_pairs, n_chosen_tokens):
+    out = {"loss": sums["loss"]}
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected"):
+        out[k] = sums[k] / n_pairs
+    out["nll"] = sums["nll"] / n_chosen_tokens
+    return out
+
+
+def _dpo_counts(batch):
+    valid = _valid(batch, batch["prompt"].shape[0])
+    n_pairs = jnp.maximum(valid.sum(), 1.0)
+    n_chosen = jnp.maximum((batch["chosen_mask"].astype(jnp.float32) * valid[:, None]).sum(), 1.0)
+    return n_pairs, n_chosen
+
+
+def make_dpo_step(
+    module,
+    optimizer: optax.GradientTransformation,
+    cfg: DPOConfig = DPOConfig(),
+    *,
+    lr_schedule: Callable | None = None,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+    rules=None,
+    state_shardings: TrainState | None = None,
+    ref_shardings=None,
+    donate: bool = True,
+    logits_chunk: int | None = None,
+) -> Step:
+    """DPO train step.
+
+    cfg.reference == "in_step":     step(state, batch, ref_params) -> (state, metrics); the
+        reference log-probs are computed in the same program (not differentiated, not donated).
+    cfg.reference == "precomputed": step(state, batch) -> (state, metrics); the batch carries
+        ref_chosen_logps / ref_rejected_logps [B] and only the policy is held.
+    Metrics: DPO_METRICS (+ nll of the chosen completions, tokens).
+    Decoder-only models run each pair as one [prompt | chosen | rejected] sequence (the prompt
+    once); logits_chunk bounds the vocab-sized logits held at once (see head_logprobs).
+    """
+    constrain_grads = _grad_constraint(mesh, state_shardings)
+    constrain_batch = _batch_constraint(mesh, rules)
+
+    def core(state: TrainState, batch, ref_params):
+        batch = constrain_batch(batch)
+        n_pairs, n_chosen = _dpo_counts(batch)
+        if ref_params is not None:
+            # Reference log-probs for the whole batch up front (a forward pass, no residuals kept).
+            ref_c, ref_r = reference_logps(module, ref_params, batch, logits_chunk)
+            batch = dict(batch, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+
+        def loss_fn(params, mb):
+            t = dpo_terms(module, params, mb, cfg, mb["ref_chosen_logps"], mb["ref_rejected_logps"], logits_chunk)
+            return _dpo_sums(t, cfg, n_pairs, n_chosen)
+
+        grads, sums = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state.params, batch, grad_accum,
+                                  constrain_grads)
+        state, extra = _apply_update(state, grads, optimizer, lr_schedule)
+        tokens = (batch["chosen_mask"].sum() + batch["rejected_mask"].sum()).astype(jnp.float32)
+        return state, {**_finish_dpo_metrics(sums, n_pairs, n_chosen), **extra, "tokens": tokens}
+
+    if cfg.reference == "in_step":
+        def step(state, batch, ref_params):
+            return core(state, batch, ref_params)
+        n_args = 3
+    else:
+        def step(state, batch):
+            return core(state, batch, None)
+        n_args = 2
+    return _jit_step(step, mesh=mesh, rules=rules, state_shardings=state_shardings, ref_shardings=ref_shardings,
+                     n_args=n_args, donate=donate)
+
+
+def make_dpo_eval_step(module, cfg: DPOConfig = DPOConfig(), *, mesh: Mesh | None = None, rules=None,
+                       param_shardings=None, logits_chunk: int | None = None) -> Step:
+    """eval(params, batch, ref_params=None) -> sums of the DPO metrics and the pair count.
+    Pass ref_params=None when the batch carries ref_*_logps."""
+    def fn(params, batch, ref_params):
+        if ref_params is not None:
+            ref_c, ref_r = reference_logps(module, ref_params, batch, logits_chunk)
+        else:
+            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        t = dpo_terms(module, params, batch, cfg, ref_c, ref_r, logits_chunk)
+        _, sums = _dpo_sums(t, cfg, 1.0, 1.0)
+        sums["loss"] = (t["losses"] * t["valid"]).sum()
+        sums["pairs"] = t["valid"].sum()
+        sums["chosen_tokens"] = t["chosen_tokens"]
+        return sums
+
+    if mesh is None:
+        return Step(fn, None, rules, jax.jit(fn))
+    bs = _batch_sharding(mesh, rules)
+    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, bs, param_shardings)))
+
+
+def make_reference_fn(module, *, mesh: Mesh | None = None, rules=None, param_shardings=None,
+                      logits_chunk: int | None = None) -> Step:
+    """ref(params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B]): run once per DPO stage
+    over the pairs (or take the sampler's token log-probs) and feed them to the precomputed step."""
+    fn = functools.partial(reference_logps, module, chunk=logits_chunk)
+    if mesh is None:
+        return Step(fn, None, rules, jax.jit(fn))
+    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(mesh, rules))))

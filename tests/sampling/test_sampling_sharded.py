@@ -1,0 +1,50 @@
+"""Sharded sampling on 8 simulated CPU devices equals single-device sampling (greedy; sampled with
+several samples per prompt, top-k and the calculator on). Runs in a subprocess: XLA_FLAGS must be set before jax
+is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, sys.argv[1])
+    import jax, numpy as np
+    from dpost import models, sampling, sharding
+    from dpost.models.llama.model import LlamaConfig
+    from sampling_toys import byte_bpe_tokenizer
+    assert jax.device_count() == 8
+    tok = byte_bpe_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    single = models.init_random("llama", cfg, tokenizer=tok, seed=0)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = models.init_random("llama", cfg, tokenizer=tok, seed=0, mesh=mesh)
+    assert len(sharded.params["layers"]["attn"]["q"].sharding.device_set) == 8
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, len(tok), rng.randint(2, 20)).tolist() for _ in range(5)]
+    for kw in (dict(max_new_tokens=16), dict(max_new_tokens=16, temperature=1.0, num_samples=3, top_k=20,
+                                             calculator=True, seed=5)):
+        want = sampling.generate(single, prompts, **kw)
+        got = sampling.generate(sharded, prompts, **kw)  # the bundle's mesh
+        via_arg = sampling.generate(single, prompts, mesh=mesh, **kw)  # params resharded onto `mesh`
+        for out in (got, via_arg):
+            assert [[s.token_ids for s in p] for p in out] == [[s.token_ids for s in p] for p in want], kw
+            a = np.concatenate([s.token_logprobs for p in out for s in p])
+            b = np.concatenate([s.token_logprobs for p in want for s in p])
+            np.testing.assert_allclose(a, b, atol=1e-4)
+    print("OK")
+""")
+
+
+def test_sharded_sampling_equals_single_device():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, DPOST_SAMPLER_FAST_COMPILE="1", PYTHONPATH=path)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, here], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]

@@ -1,0 +1,302 @@
+"""SFT and DPO steps against transformers/PyTorch on the same weights, and step invariances:
+reference paths, gradient accumulation, packing, remat, bf16 compute, one compiled program."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.dirname(__file__))
+import training_helpers as th  # noqa: E402
+
+from dpost import training  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_t5():
+    try:
+        import dpost.models.t5.model  # noqa: F401
+        import dpost.models.t5.params  # noqa: F401
+    except ImportError as err:
+        if IN_CI:
+            pytest.fail(f"T5 family missing under CI: {err}")
+        pytest.skip(f"T5 family not available: {err}")
+
+
+def sgd(lr=1.0):
+    cfg = training.OptimizerConfig(learning_rate=lr, total_steps=10, kind="sgd", schedule="constant",
+                                   max_grad_norm=None)
+    return training.make_optimizer(cfg), training.make_schedule(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch references
+# ------------------------------------------------------------------------------------------------
+def torch_token_logps(family, model, prompt, prompt_mask, completion, completion_mask):
+    """[B, C] log-probs of completion tokens (0 at padding), transformers model, fp32."""
+    prompt, prompt_mask = torch.from_numpy(prompt).long(), torch.from_numpy(prompt_mask).long()
+    completion, completion_mask = torch.from_numpy(completion).long(), torch.from_numpy(completion_mask).long()
+    if family == "llama":
+        p = prompt.shape[1]
+        ids = torch.cat([prompt, completion], 1)
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, p - 1 : -1]
+    else:
+        start = torch.full((completion.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long)
+        dec = torch.cat([start, completion[:, :-1]], 1)
+        logits = model(input_ids=prompt, attention_mask=prompt_mask, decoder_input_ids=dec).logits
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, completion[..., None])[..., 0]
+    return logp * completion_mask
+
+
+def hf_model(family, **kw):
+    if family == "llama":
+        return th.hf_llama(0, **kw)
+    require_t5()
+    return th.hf_t5(0)
+
+
+def vocab_of(model):
+    return model.config.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------
+# SFT loss parity
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("t5", False)])
+def test_sft_loss_matches_transformers(family, tied):
+    model = hf_model(family, **({"tie_word_embeddings": True} if tied else {}))
+    module, cfg, params, _ = th.import_hf(family, model)
+    batch = th.sft_batch(3, batch=4, vocab=vocab_of(model))
+    # the eval step runs the train step's loss code (sft_token_logprobs + masked_nll), forward only;
+    # the train step's own `loss` metric is checked against it in test_grad_accumulation_equals_full_batch
+    sums = training.make_sft_eval_step(module)(params, batch)
+    metrics = {"loss": sums["nll_sum"] / sums["tokens"], "tokens": sums["tokens"]}
+
+    prompt, completion = torch.from_numpy(batch["prompt"]).long(), torch.from_numpy(batch["completion"]).long()
+    prompt_mask = torch.from_numpy(batch["prompt_mask"]).long()
+    completion_mask = torch.from_numpy(batch["completion_mask"]).long()
+    labels = completion.masked_fill(completion_mask == 0, -100)
+    with torch.no_grad():
+        if family == "llama":
+            ids = torch.cat([prompt, completion], 1)
+            mask = torch.cat([prompt_mask, completion_mask], 1)
+            full_labels = torch.cat([torch.full_like(prompt, -100), labels], 1)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=full_labels).loss
+        else:
+            loss = model(input_ids=prompt, attention_mask=prompt_mask, labels=labels).loss
+    assert abs(float(metrics["loss"]) - loss.item()) < 1e-4
+    assert float(metrics["tokens"]) == batch["completion_mask"].sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# DPO step parity with a hand-written PyTorch step on the transformers model
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_dpo_step_matches_pytorch(family):
+    model = hf_model(family)
+    module, cfg, params, _ = th.import_hf(family, model)
+    batch = th.pair_batch(5, batch=4, vocab=vocab_of(model))
+    ref_params = jax.tree.map(jnp.copy, params)
+    ref_before = jax.tree.map(np.asarray, ref_params)
+    params_before = th.export_to_torch_names(family, cfg, params)
+    lr, beta = 1.0, 0.1
+
+    tx, sched = sgd(lr)
+    step = training.make_dpo_step(module, tx, training.DPOConfig(beta=beta), lr_schedule=sched)
+    state, metrics = step(training.create_train_state(params, tx), batch, ref_params)
+    after = th.export_to_torch_names(family, cfg, state.params)
+
+    # PyTorch: policy = the transformers model, reference = a frozen copy.
+    import copy
+
+    policy = copy.deepcopy(model).train()
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref_c = torch_token_logps(family, reference, batch["prompt"], batch["prompt_mask"], batch["chosen"],
+                                  batch["chosen_mask"]).sum(-1)
+        ref_r = torch_token_logps(family, reference, batch["prompt"], batch["prompt_mask"], batch["rejected"],
+                                  batch["rejected_mask"]).sum(-1)
+    pol_c = torch_token_logps(family, policy, batch["prompt"], batch["prompt_mask"], batch["chosen"],
+                              batch["chosen_mask"]).sum(-1)
+    pol_r = torch_token_logps(family, policy, batch["prompt"], batch["prompt_mask"], batch["rejected"],
+                              batch["rejected_mask"]).sum(-1)
+    loss = -torch.nn.functional.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+    torch_after = {k: v.detach().numpy() for k, v in policy.state_dict().items()}
+
+    assert abs(float(metrics["loss"]) - loss.item()) < 1e-5
+    np.testing.assert_allclose(float(metrics["logps/chosen"]), pol_c.mean().item(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["rewards/margins"]),
+                               (beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean().item(), rtol=1e-4, atol=1e-7)
+    changed = 0
+    for name, new in after.items():
+        d_jax = new - params_before[name]
+        d_torch = torch_after[name] - params_before[name]
+        scale = np.linalg.norm(d_torch)
+        assert np.linalg.norm(d_jax - d_torch) <= 1e-4 * max(scale, 1e-12), name
+        changed += scale > 0
+    assert changed >= len(after) - 1  # every policy tensor moved
+    # the reference is untouched (and still alive: it was not donated)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ref_params, ref_before)
+
+
+# ------------------------------------------------------------------------------------------------
+# invariances
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def llama():
+    return th.tiny_llama(0)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_sgd():
+    return sgd(1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_step(kind: str, grad_accum: int = 1, **dpo):
+    """Steps shared between tests (one jit object, so one compilation per shape)."""
+    module = llama()[0]
+    tx, sched = shared_sgd()
+    if kind == "sft":
+        return training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=grad_accum)
+    return training.make_dpo_step(module, tx, training.DPOConfig(**dpo), lr_schedule=sched, grad_accum=grad_accum)
+
+
+def fresh_state():
+    return training.create_train_state(llama()[2], shared_sgd()[0])
+
+
+def _params_close(a, b, rtol=1e-5, atol=1e-7):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def test_reference_in_step_equals_precomputed():
+    """Same losses, metrics and gradients (SGD, lr 1: the update is the gradient) either way."""
+    module, cfg, params, _ = llama()
+    batch = th.pair_batch(7, batch=4)
+    dpo = dict(loss_type="ipo", rpo_alpha=0.5)  # exercises the length normalisation and the NLL term
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)  # a reference that differs from the policy
+    s1, m1 = shared_step("dpo", **dpo)(fresh_state(), batch, ref_params)
+    rc, rr = training.make_reference_fn(module)(ref_params, batch)
+    pre = shared_step("dpo", reference="precomputed", **dpo)
+    s2, m2 = pre(fresh_state(), dict(batch, ref_chosen_logps=np.asarray(rc), ref_rejected_logps=np.asarray(rr)))
+    for k in training.DPO_METRICS + ("nll",):
+        np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=2e-6, err_msg=k)
+    _params_close(s1.params, s2.params, rtol=1e-6, atol=1e-8)
+    assert float(m1["nll"]) > 0 and float(m1["rewards/chosen"]) != 0
+
+
+def test_grad_accumulation_equals_full_batch():
+    _, _, params, _ = llama()
+    sft = th.sft_batch(11, batch=8)
+    s1, m1 = shared_step("sft")(fresh_state(), sft)
+    s4, m4 = shared_step("sft", grad_accum=4)(fresh_state(), sft)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+    assert float(m1["tokens"]) == sft["completion_mask"].sum()
+    _params_close(s1.params, s4.params)
+    # the train step's loss is the token-mean NLL of the eval step (checked against transformers)
+    sums = training.make_sft_eval_step(llama()[0])(params, sft)
+    np.testing.assert_allclose(float(m1["loss"]), float(sums["nll_sum"] / sums["tokens"]), rtol=1e-6)
+
+    pairs = dict(th.pair_batch(12, batch=4), valid=np.array([1, 1, 0, 1], np.int32))
+    ref = jax.tree.map(lambda x: x * 1.01, params)
+    d1, n1 = shared_step("dpo")(fresh_state(), pairs, ref)
+    d2, n2 = shared_step("dpo", grad_accum=2)(fresh_state(), pairs, ref)
+    for k in training.DPO_METRICS:
+        # rewards are beta x differences of ~-40 log-probs: fp32 resolution ~1e-6 absolute
+        np.testing.assert_allclose(float(n1[k]), float(n2[k]), rtol=1e-5, atol=2e-6, err_msg=k)
+    _params_close(d1.params, d2.params)
+    # a filler row (valid 0) does not count, whatever it holds
+    other = dict(pairs, chosen=np.where(np.arange(4)[:, None] == 2, 5, pairs["chosen"]))
+    d3, n3 = shared_step("dpo")(fresh_state(), other, ref)
+    for k in training.DPO_METRICS:
+        np.testing.assert_allclose(float(n1[k]), float(n3[k]), rtol=1e-6, atol=2e-6, err_msg=k)
+    _params_close(d1.params, d3.params, rtol=1e-6, atol=1e-9)
+
+
+def test_packed_sft_equals_padded():
+    batch = th.sft_batch(13, batch=8, prompt_len=8, completion_len=12)
+    packed = training.pack_sft_batch(batch, length=64, num_rows=4)
+    assert packed["inputs"].shape == (4, 64)
+    assert packed["loss_mask"].sum() == batch["completion_mask"].sum()
+    s1, m1 = shared_step("sft")(fresh_state(), batch)
+    s2, m2 = shared_step("sft")(fresh_state(), packed)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    _params_close(s1.params, s2.params, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_and_bf16_compute():
+    from dpost.models.llama import model as lm
+
+    module, cfg, params, _ = llama()
+    batch = th.pair_batch(14, batch=4)
+    tx, sched = shared_sgd()
+    out = {"base": shared_step("dpo")(fresh_state(), batch, params)}
+    for name, c in {"remat": cfg.replace(remat=True), "bf16": cfg.replace(dtype="bfloat16")}.items():
+        step = training.make_dpo_step(lm.make_module(c), tx, training.DPOConfig(), lr_schedule=sched)
+        out[name] = step(fresh_state(), batch, params)
+    _params_close(out["base"][0].params, out["remat"][0].params, rtol=1e-5, atol=1e-7)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out["bf16"][0].params))  # fp32 masters
+    np.testing.assert_allclose(float(out["bf16"][1]["logps/chosen"]), float(out["base"][1]["logps/chosen"]),
+                               rtol=2e-2)
+
+
+def test_one_compiled_program_per_stage():
+    module, cfg, params, _ = llama()
+    ocfg = training.OptimizerConfig(learning_rate=1e-3, total_steps=4, weight_decay=0.01, warmup_ratio=0.25)
+    tx = training.make_optimizer(ocfg)
+    step = training.make_dpo_step(module, tx, training.DPOConfig(), lr_schedule=training.make_schedule(ocfg))
+    state = training.create_train_state(params, tx)
+    for i in range(4):
+        state, metrics = step(state, th.pair_batch(100 + i, batch=4), params)
+    assert int(state.step) == 4
+    assert step.jitted._cache_size() == 1
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["learning_rate"]) > 0
+
+    # the loop pads ragged batches to fixed lengths, so it too compiles once
+    sft = shared_step("sft")
+    before = sft.jitted._cache_size()
+    batches = iter([th.sft_batch(200 + i, batch=8, prompt_len=4 + i, completion_len=9 + i) for i in range(3)])
+    result = training.run(sft, fresh_state(), batches, training.LoopConfig(num_steps=3, progress=False, log_every=2),
+                          pad_to=(8, 12))
+    assert result.final_step == 3 and sft.jitted._cache_size() - before <= 1  # three ragged batches, one program
+
+
+def test_shared_prefix_and_chunked_head_equal_plain_forward():
+    """[prompt | chosen | rejected] in one sequence == chosen and rejected as separate rows, and a
+    chunked vocab head == the full one (values and gradients)."""
+    from dpost.training import steps
+
+    module, cfg, params, _ = llama()
+    batch = {k: jnp.asarray(v) for k, v in th.pair_batch(21, batch=3, chosen_len=12, rejected_len=9).items()}
+
+    def both(p, shared, chunk):
+        c, r = steps.pair_token_logprobs(module, p, batch, shared_prefix=shared, chunk=chunk)
+        return c.sum() + 0.5 * r.sum(), (c, r)
+
+    fn = jax.jit(jax.value_and_grad(both, has_aux=True), static_argnums=(1, 2))
+    (v0, (c0, r0)), g0 = fn(params, False, None)
+    for shared, chunk in ((True, None), (True, 5), (False, 4)):
+        (v, (c, r)), g = fn(params, shared, chunk)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(c0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(r), np.asarray(r0), rtol=1e-5, atol=1e-5)
+        _params_close(g, g0, rtol=1e-4, atol=1e-6)
+    assert c0.shape == (3, 12) and r0.shape == (3, 9)

@@ -1,0 +1,144 @@
+"""Tiny random models and batches shared by the training tests and their child-process scripts.
+
+Importable without pytest (the sharding/resume checks run in subprocesses).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+LLAMA_HF = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+T5_HF = dict(
+    vocab_size=64, d_model=24, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2, num_heads=4,
+    relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False, decoder_start_token_id=0, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_llama(seed: int = 0, **overrides):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**dict(LLAMA_HF, **overrides))
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms so that their gradients matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def hf_t5(seed: int = 0):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_HF)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "relative_attention_bias" in name:
+                p.copy_(torch.randn_like(p))
+        # transformers 5 ties lm_head in memory: untie it
+        model.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn_like(model.shared.weight))
+    return model
+
+
+def family_modules(family: str):
+    if family == "llama":
+        from dpost.models.llama import model as m, params as p
+    else:
+        from dpost.models.t5 import model as m, params as p
+    return m, p
+
+
+def import_hf(family: str, hf_model):
+    """(module, config, params, boxed abstract params) for a transformers model."""
+    from dpost.models import convert
+
+    m, p = family_modules(family)
+    cfg = p.config_from_hf(hf_model.config.to_dict())
+    boxed = jax.eval_shape(lambda: m.init_params(cfg, jax.random.key(0)))
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    params = convert.import_params(p.hf_rules(cfg), tensors.__getitem__, nn.unbox(boxed), None, cfg.num_layers, "test")
+    return m.make_module(cfg), cfg, params, boxed
+
+
+def export_to_torch_names(family: str, cfg, params) -> dict[str, np.ndarray]:
+    from dpost.models import convert
+
+    _, p = family_modules(family)
+    return convert.export_tensors(p.hf_rules(cfg), params, cfg.num_layers)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    return import_hf("llama", hf_llama(seed, **overrides))
+
+
+def random_rows(rng, n: int, length: int, vocab: int, min_len: int = 1, left: bool = False, lens=None):
+    ids = np.zeros((n, length), np.int32)
+    mask = np.zeros((n, length), np.int32)
+    lens = rng.integers(min_len, length + 1, n) if lens is None else np.asarray(lens)
+    for i, k in enumerate(lens):
+        sl = slice(length - k, length) if left else slice(0, k)
+        ids[i, sl] = rng.integers(3, vocab, k)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def sft_batch(seed: int, batch: int = 4, prompt_len: int = 8, completion_len: int = 12, vocab: int = 96):
+    rng = np.random.default_rng(seed)
+    prompt, prompt_mask = random_rows(rng, batch, prompt_len, vocab, min_len=2, left=True)
+    completion, completion_mask = random_rows(rng, batch, completion_len, vocab, min_len=2)
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "completion": completion, "completion_mask": completion_mask}
+
+
+def pair_batch(seed: int, batch: int = 4, prompt_len: int = 8, chosen_len: int = 12, rejected_len: int = 10,
+               vocab: int = 96):
+    rng = np.random.default_rng(seed)
+    prompt, prompt_mask = random_rows(rng, batch, prompt_len, vocab, min_len=2, left=True)
+    chosen, chosen_mask = random_rows(rng, batch, chosen_len, vocab, min_len=2)
+    rejected, rejected_mask = random_rows(rng, batch, rejected_len, vocab, min_len=2)
+    return {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": chosen, "chosen_mask": chosen_mask,
+            "rejected": rejected, "rejected_mask": rejected_mask}
+
+
+def pair_dataset(seed: int, n: int, **kw):
+    """A dict of arrays with n pairs (for ArrayIterator)."""
+    return pair_batch(seed, batch=n, **kw)
+
+
+def max_rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# XLA CPU compile time dominates these tests (tiny models): cheaper LLVM passes cut it ~3x.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def llama_init_params_for_resume():
+    """The initial params of resume_run.py, flattened like its output npz."""
+    from flax import traverse_util
+
+    from dpost.models.llama import model as lm
+    from dpost.models.llama.model import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    params = nn.unbox(lm.init_params(cfg, jax.random.key(1)))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
