@@ -117,8 +117,8 @@ def test_adversarial_inputs_return_none_fast():
             out = evaluate(text)  # type: ignore[arg-type]
             worst = max(worst, time.perf_counter() - start)
         assert out is None, (text if not isinstance(text, str) else text[:40], out)
+    # Timing is reported, not asserted (no timed assertions in tests; the machine may be loaded).
     print(f"worst adversarial evaluate(): {worst * 1e3:.3f} ms")
-    assert worst < 5e-3  # budget 1 ms; generous bound against CI noise
 
 
 def test_depth_limit_boundary():
@@ -136,7 +136,7 @@ def test_random_junk_never_raises():
         out = evaluate(text)
         worst = max(worst, time.perf_counter() - start)
         assert out is None or isinstance(out, str)
-    assert worst < 5e-3
+    print(f"worst random-junk evaluate(): {worst * 1e3:.3f} ms")
 
 
 def test_markers():
