@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import data_dir
+from tests.conftest import data_dir
 from dpost import calculator
 from dpost.calculator import evaluate, evaluate_number
 

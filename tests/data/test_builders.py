@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import data_dir
+from tests.conftest import data_dir
 from dpost.data import builders, formatting, gsm8k
 from dpost.data.builders import Label, Pair, QuestionSamples, build_pairs, build_pseudo_labels, jaccard, token_set
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import data_dir
+from tests.conftest import data_dir
 from dpost.data import formatting, gsm8k
 from dpost.data.formatting import LLAMA_PROMPT_TEMPLATE, t5_rationale
 

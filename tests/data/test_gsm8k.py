@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import data_dir
+from tests.conftest import data_dir
 from dpost.data import gsm8k
 from dpost.data.gsm8k import DataError, extract_answer, is_correct
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import data_dir
+from tests.conftest import data_dir
 from dpost.data import ood
 from dpost.data.gsm8k import DataError
 
