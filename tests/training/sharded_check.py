@@ -1,7 +1,8 @@
 """Child process of test_training_sharded.py: 8 simulated CPU devices, mesh data=2, fsdp=2, tensor=2.
 
-Runs one SFT step and one DPO step (AdamW, grad accumulation 2) sharded and on a single device
-from the same params and batch, and prints a JSON report (differences, shardings) on the last line.
+Runs one SFT step and one DPO step (AdamW) sharded with gradient accumulation 2 and on a single
+device without accumulation, from the same params and batch (so this also checks that accumulation
+over micro-batches equals the full batch), and prints a JSON report (differences, shardings) on the last line.
 XLA_FLAGS must be set by the parent before this interpreter starts.
 """
 
@@ -50,10 +51,10 @@ def main():
     for kind in ("sft", "dpo"):
         # single device
         if kind == "sft":
-            single = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2)
+            single = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=1)
             s1, m1 = single(training.create_train_state(params, tx), sft_batch)
         else:
-            single = training.make_dpo_step(module, tx, training.DPOConfig(), lr_schedule=sched, grad_accum=2)
+            single = training.make_dpo_step(module, tx, training.DPOConfig(), lr_schedule=sched, grad_accum=1)
             s1, m1 = single(training.create_train_state(params, tx), pair_batch, ref_params)
         # sharded
         sharded_params = jax.device_put(params, psh)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -20,31 +19,6 @@ import training_helpers as th  # noqa: E402
 from dpost import training  # noqa: E402
 from dpost.training import loop  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-
-
-def child_env(tmp_path, **extra):
-    env = dict(os.environ)
-    env.pop(loop.KILL_ENV, None)
-    env.pop(loop.SIGTERM_ENV, None)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("XLA_FLAGS", th.FAST_COMPILE_FLAGS)
-    # Child runs compile the same program: share a compilation cache between them.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_child(tmp_path, ckpt, out, expect_rc=0, workdir=None, **hooks):
-    args = [sys.executable, os.path.join(HERE, "resume_run.py"), str(ckpt), str(out)]
-    if workdir:
-        args.append(str(workdir))
-    proc = subprocess.run(args, env=child_env(tmp_path, **hooks), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def load_npz(path):
@@ -52,41 +26,46 @@ def load_npz(path):
         return {k: f[k] for k in f.files}
 
 
-def test_resume_after_kill_and_sigterm_is_bitwise_identical(tmp_path):
-    # A: uninterrupted
-    work = tmp_path / "work"
-    a = run_child(tmp_path, tmp_path / "ckpt_a", tmp_path / "a.npz", workdir=work)
-    info_a = json.loads(a.stdout.strip().splitlines()[-1])
-    assert info_a == {"resumed_from": None, "final_step": 6, "steps": 6}
-    # B: hard kill (os._exit) after step 3; the last checkpoint is step 2; restart resumes there.
-    run_child(tmp_path, tmp_path / "ckpt_b", tmp_path / "unused.npz", expect_rc=17, **{loop.KILL_ENV: 3})
-    assert training.Checkpointer(str(tmp_path / "ckpt_b")).all_steps() == [2]
-    b = run_child(tmp_path, tmp_path / "ckpt_b", tmp_path / "b.npz")
-    assert json.loads(b.stdout.strip().splitlines()[-1]) == {"resumed_from": 2, "final_step": 6, "steps": 4}
-    # C: SIGTERM after step 3 -> checkpoint at step 3, exit 143; restart resumes from 3.
-    run_child(tmp_path, tmp_path / "ckpt_c", tmp_path / "unused.npz", expect_rc=128 + 15, **{loop.SIGTERM_ENV: 3})
-    assert 3 in training.Checkpointer(str(tmp_path / "ckpt_c")).all_steps()
-    c = run_child(tmp_path, tmp_path / "ckpt_c", tmp_path / "c.npz")
-    assert json.loads(c.stdout.strip().splitlines()[-1]) == {"resumed_from": 3, "final_step": 6, "steps": 3}
+def test_resume_after_kill_and_sigterm_is_bitwise_identical():
+    job = th.job_result("resume")  # child processes, started in the background by conftest.py
+    tmp = job["tmp"]
+    runs = {r["name"]: r for r in job["runs"]}
 
-    pa, pb, pc = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"), load_npz(tmp_path / "c.npz")
+    def info(name, rc=0):
+        r = runs[name]
+        assert r["rc"] == rc, (name, r["stdout"][-3000:], r["stderr"])
+        return json.loads(r["stdout"].strip().splitlines()[-1]) if rc == 0 else None
+
+    # A: uninterrupted
+    assert info("a") == {"resumed_from": None, "final_step": 6, "steps": 6}
+    # B: hard kill (os._exit) after step 3; the last checkpoint is step 2; restart resumes there.
+    info("b_killed", rc=17)
+    assert info("b_resumed") == {"resumed_from": 2, "final_step": 6, "steps": 4}
+    # C: SIGTERM after step 3 -> checkpoint at step 3 and exit 143; restart resumes from 3.
+    info("c_sigterm", rc=128 + 15)
+    assert "preempted: saved step 3" in runs["c_sigterm"]["stdout"] + runs["c_sigterm"]["stderr"]
+    assert info("c_resumed") == {"resumed_from": 3, "final_step": 6, "steps": 3}
+
+    pa, pb, pc = (load_npz(os.path.join(tmp, f)) for f in ("a.npz", "b.npz", "c.npz"))
     assert pa.keys() == pb.keys() == pc.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)  # bitwise
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
-    # the run is not trivially constant: params moved
     start = th.llama_init_params_for_resume()
-    assert any(not np.array_equal(pa[k], start[k]) for k in pa)
+    assert any(not np.array_equal(pa[k], start[k]) for k in pa)  # training moved the params
 
     # logs of run A: JSONL with the DPO metrics per step, and a TensorBoard event file
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    work = os.path.join(tmp, "work")
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in training.DPO_METRICS + ("tokens_per_sec",):
         assert key in rows[-1], key
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(work / "tb" / "dpo"))
-
-    # keep=3 kept the last three of the saves at 2, 4, 6 (the final save is step 6)
-    assert training.Checkpointer(str(tmp_path / "ckpt_a")).all_steps() == [2, 4, 6]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(work, "tb", "dpo")))
+    # saves at 2, 4, 6 (6 = the final one), keep=3; B kept step 2 only (killed before step 4)
+    assert training.Checkpointer(os.path.join(tmp, "ckpt_a")).all_steps() == [2, 4, 6]
+    assert training.Checkpointer(os.path.join(tmp, "ckpt_c")).all_steps() == [3, 4, 6]
+    assert (th.KILL_ENV, th.SIGTERM_ENV) == (loop.KILL_ENV, loop.SIGTERM_ENV)
 
 
 def _tiny():

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import training_helpers as th  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def test_sharded_steps_equal_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + th.FAST_COMPILE_FLAGS
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_check.py")], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = th.job_result("sharded")  # started in the background by conftest.py
+    assert proc["rc"] == 0, proc["stdout"][-3000:] + proc["stderr"][-5000:]
+    report = json.loads(proc["stdout"].strip().splitlines()[-1])
     for kind in ("sft", "dpo"):
         r = report[kind]
         single, sharded = r["metrics_single"], r["metrics_sharded"]

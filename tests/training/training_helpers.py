@@ -142,3 +142,90 @@ def llama_init_params_for_resume():
                       num_kv_heads=2, head_dim=8)
     params = nn.unbox(lm.init_params(cfg, jax.random.key(1)))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# child-process jobs, started in the background at collection time (conftest.py) so that they run
+# on the second core while the in-process tests compile; the tests then wait for their results.
+# ------------------------------------------------------------------------------------------------
+import atexit  # noqa: E402
+import concurrent.futures  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+KILL_ENV = "DPOST_TEST_KILL_AFTER_STEP"  # dpost.training.loop.KILL_ENV (not imported: no jax here)
+SIGTERM_ENV = "DPOST_TEST_SIGTERM_AFTER_STEP"
+
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+_JOBS: dict[str, concurrent.futures.Future] = {}
+_TMP = []
+
+
+def _tmpdir() -> str:
+    path = tempfile.mkdtemp(prefix="dpost_training_test_")
+    _TMP.append(path)
+    return path
+
+
+@atexit.register
+def _cleanup():
+    for path in _TMP:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop(KILL_ENV, None)
+    env.pop(SIGTERM_ENV, None)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _sharded_job() -> dict:
+    env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAGS)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_check.py")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def _resume_job() -> dict:
+    """Runs resume_run.py: A uninterrupted; B killed after step 3 then resumed; C SIGTERM after
+    step 3 then resumed. The children share a compilation cache (same program)."""
+    tmp = _tmpdir()
+    cache = dict(JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0,
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
+    runs = []
+
+    def run(name, ckpt, out, workdir=None, **hooks):
+        args = [sys.executable, os.path.join(HERE, "resume_run.py"), os.path.join(tmp, ckpt), os.path.join(tmp, out)]
+        if workdir:
+            args.append(os.path.join(tmp, workdir))
+        proc = subprocess.run(args, env=child_env(**cache, **hooks), capture_output=True, text=True, timeout=600)
+        runs.append({"name": name, "rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-4000:]})
+
+    run("a", "ckpt_a", "a.npz", workdir="work")
+    run("b_killed", "ckpt_b", "unused.npz", **{KILL_ENV: 3})
+    run("b_resumed", "ckpt_b", "b.npz")
+    run("c_sigterm", "ckpt_c", "unused.npz", **{SIGTERM_ENV: 3})
+    run("c_resumed", "ckpt_c", "c.npz")
+    return {"tmp": tmp, "runs": runs}
+
+
+JOB_FUNCTIONS = {"sharded": _sharded_job, "resume": _resume_job}
+
+
+def start_job(name: str) -> None:
+    if name not in _JOBS:
+        _JOBS[name] = _EXECUTOR.submit(JOB_FUNCTIONS[name])
+
+
+def job_result(name: str) -> dict:
+    start_job(name)
+    return _JOBS[name].result()
