@@ -98,7 +98,6 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
     stage.start()
     size = scfg.shard_questions
     shards = [examples[i : i + size] for i in range(0, len(examples), size)]
-    tokens = 0
     for index, shard in enumerate(shards):
         if index % jax.process_count() != jax.process_index():
             continue  # another host samples this shard
@@ -113,16 +112,18 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
         )
         rows = []
         for ex, prompt, outs in zip(shard, prompts, outputs):
-            rows.append({"id": ex.id, "samples": [
+            rows.append({"id": ex.id, "prompt_tokens": len(prompt), "samples": [
                 {"text": s.text, "token_ids": list(map(int, s.token_ids)),
                  "logprob": float(np.sum(s.token_logprobs)), "finish_reason": s.finish_reason}
                 for s in outs
             ]})
-            tokens += len(prompt) + sum(len(s.token_ids) for s in outs)
         write_jsonl_atomic(path, rows)
         log.info("%s: shard %d/%d written", stage.path, index + 1, len(shards))
         _maybe_kill(stage, index)
     barrier(f"sampled {stage.path}")
+    # FLOPs from every shard file (also those written before a resume or by other hosts).
+    tokens = sum(row.get("prompt_tokens", 0) + sum(len(x["token_ids"]) for x in row["samples"])
+                 for path in stage.path.glob("shard_*.jsonl") for row in read_jsonl(path))
     n_samples = len(examples) * scfg.num_samples
     return stage.finish(questions=len(examples), samples=n_samples, flops=2.0 * num_params(bundle.params) * tokens,
                         shards=len(shards))
