@@ -62,7 +62,9 @@ def test_known_checkpoint_shapes_offline(name, params):
 
 
 def test_scratch_model_uses_tokenizer_vocab_size():
-    spec = plan_lib.resolve_model(load_config("arith_tiny"))
+    config = load_config("arith_tiny")
+    config.model.scratch.tokenizer_vocab_size = 384  # the planner must follow the tokenizer's size
+    spec = plan_lib.resolve_model(config)
     assert spec.family == "llama" and spec.config.vocab_size == 384 and spec.config.num_layers == 2
 
 
