@@ -104,6 +104,22 @@ def _params_on(bundle: ModelBundle, mesh):
     return jax.device_put(bundle.params, sharding_lib.param_shardings(boxed, mesh))
 
 
+def decode_layout(module, params):
+    """The params in the layout the module's `decode_step` reads fastest (its `decode_layout`
+    hook, made once per call outside the decode loop), or the params themselves."""
+    layout = getattr(type(module), "decode_layout", None)
+    return params if layout is None else _jitted_layout(layout)(params)
+
+
+_LAYOUTS: dict = {}
+
+
+def _jitted_layout(layout):
+    if layout not in _LAYOUTS:
+        _LAYOUTS[layout] = jax.jit(layout)
+    return _LAYOUTS[layout]
+
+
 def _put(x, mesh, batch: bool):
     if mesh is None:
         return x
@@ -143,6 +159,7 @@ def generate(
         return []
     mesh = mesh if mesh is not None else bundle.mesh
     params = _params_on(bundle, mesh)
+    params = (params, decode_layout(bundle.module, params))  # prefill reads the first, decoding the second
     vocab = int(bundle.config.vocab_size)
     greedy = temperature == 0
     opts = StaticOptions(
@@ -204,6 +221,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, start, batch_size, sh
     vocab = int(bundle.config.vocab_size)
 
     prefill_program, decode_program = programs()
+    params, decode_params = params
     state, flags = prefill_program(
         bundle.module, opts.for_prefill(), params, _put(prompt, mesh, True), _put(prompt_mask, mesh, True),
         _put(prompt_index, mesh, True), _put(sample_index, mesh, True), _put(row_valid, mesh, True),
@@ -215,7 +233,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, start, batch_size, sh
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
             state, flags = decode_program(
-                bundle.module, opts, params, state, _put(queue, mesh, True), _put(queue_len, mesh, True),
+                bundle.module, opts, decode_params, state, _put(queue, mesh, True), _put(queue_len, mesh, True),
                 temperature, top_p, seed, next_table, event_table,
             )
         step, _, any_event, emitted = (int(x) for x in np.asarray(flags))

@@ -94,7 +94,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, cache_index):
+    def __call__(self, x, positions, mask, cache, cache_index, layer):
         cfg = self.config
         dt = cfg.compute_dtype
         init = nn.initializers.normal(0.02)
@@ -111,26 +111,49 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
         k = apply_rope(k, positions, inv_freq)
 
-        if cache is not None:  # write this step's keys/values into the cache, attend over all of it
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            cache = {"k": k, "v": v}
-            k, v = k.astype(dt), v.astype(dt)
-
-        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        b, t = q.shape[0], q.shape[1]
         g = h // kv
         # Batch-leading layout [B, KV, G*T, D] x [B, KV, S, D]: query heads grouped by their shared
         # KV head, so each group is one plain batched matmul (several times faster on CPU than
         # contracting over interleaved batch axes).
         q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv, g, t, s), NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * t, s)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
-        out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+        if cache is not None and layer is None:  # this layer's own cache [B, KV, S, D] (unrolled decode)
+            cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0)),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, cache_index, 0)),
+            }
+            k, v = cache["k"].astype(dt), cache["v"].astype(dt)
+        elif cache is not None:
+            # The whole-model cache [L, B, KV, S, D] rides in the layer scan's carry (prefill): this
+            # layer's keys/values are written in place rather than copied through scan outputs.
+            cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], (layer, 0, 0, cache_index, 0)),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], (layer, 0, 0, cache_index, 0)),
+            }
+            k = jax.lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False).astype(dt)
+        s = k.shape[2]
+        if t == 1 and layer is None:
+            # Decode: multiply-and-reduce fusions stream the cache once; batched [G, Dh] x [Dh, S]
+            # matmuls this small run far below the memory bound on CPU.
+            q1 = q.reshape(b, kv, g, 1, hd).astype(jnp.float32)
+            scores = jnp.sum(q1 * k[:, :, None].astype(jnp.float32), axis=-1) / math.sqrt(hd)  # [B, KV, G, S]
+            scores = jnp.where(mask[:, None, :, :], scores, NEG_INF)  # mask [B, 1, S]
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2).astype(dt)  # [B, KV, G, Dh]
+            out = out.reshape(b, 1, h, hd)
+        else:
+            scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
+            scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv, g, t, s), NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * t, s)
+            out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+            out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), cache
+        # [B, T, H*Dh] x [H*Dh, D]: one plain matmul (contracting (H, Dh) of a 3-D weight made XLA
+        # transpose the weight at every decode step).
+        out = out.reshape(b, t, h * hd) @ wo.reshape(h * hd, d).astype(dt)
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -154,14 +177,17 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index, cache):
+    def __call__(self, carry, positions, mask, cache_index, layer):
+        """carry = (x [B, T, D], cache): the whole-model cache with `layer` this layer's index (scanned
+        prefill), this layer's own cache with `layer` None (unrolled decode), or None (training)."""
         cfg = self.config
+        x, cache = carry
         h, cache = Attention(cfg, name="attn")(
-            RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, mask, cache, cache_index
+            RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, mask, cache, cache_index, layer
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
-        return constrain(x, ("batch", "length", "act_embed")), cache
+        return (constrain(x, ("batch", "length", "act_embed")), cache), None
 
 
 class Llama(nn.Module):
@@ -179,7 +205,7 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),  # positions, mask, cache index; layer index
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
@@ -196,7 +222,7 @@ class Llama(nn.Module):
         x = jnp.take(self.embed, tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "act_embed"))
         index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        x, cache = self.layers(x, positions, mask, index, cache)
+        (x, cache), _ = self.layers((x, cache), positions, mask, index, jnp.arange(self.config.num_layers))
         return self.final_norm(x), cache
 
     def logits(self, hidden):
@@ -226,7 +252,7 @@ class Llama(nn.Module):
 
     def init_cache(self, batch: int, length: int):
         cfg = self.config
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
 
     def prefill(self, prompt, prompt_mask, max_new_tokens: int, num_samples: int = 1):
@@ -238,8 +264,10 @@ class Llama(nn.Module):
         mask = jnp.tril(jnp.ones((p, p + max_new_tokens), bool))[None] & kv_valid[:, None, :]
         hidden, cache = self.hidden_states(prompt, positions, mask, cache, 0)
         logits = self.logits(hidden[:, -1:])[:, 0]
+        # Decoding keeps one cache buffer per layer [B*n, KV, S, D], updated in place.
+        per_layer = tuple({"k": cache["k"][i], "v": cache["v"][i]} for i in range(self.config.num_layers))
         state = {
-            "cache": layers.repeat_batch(cache, num_samples, axis=1),
+            "cache": layers.repeat_batch(per_layer, num_samples),
             "kv_valid": kv_valid,
             "next_position": positions[:, -1] + 1,
             "index": jnp.asarray(p, jnp.int32),
@@ -250,14 +278,38 @@ class Llama(nn.Module):
         return layers.repeat_batch(logits, num_samples), state
 
     def decode_step(self, tokens, state):
+        """One token per row. Layers run unrolled over per-layer caches and per-layer params (the
+        `decode_layout` of the params when the caller made it, else slices of the stacked ones): a
+        scanned loop would copy each layer's weights and cache slice out of the stacked buffers at
+        every step, which doubles the memory traffic of a memory-bound decode."""
+        cfg = self.config
         index = state["index"]
         kv_valid = jax.lax.dynamic_update_slice(
             state["kv_valid"], jnp.ones((tokens.shape[0], 1), bool), (0, index)
         )
         positions = state["next_position"][:, None]
-        hidden, cache = self.hidden_states(tokens[:, None], positions, kv_valid[:, None, :], state["cache"], index)
-        new_state = {"cache": cache, "kv_valid": kv_valid, "next_position": state["next_position"] + 1, "index": index + 1}
+        x = constrain(jnp.take(self.embed, tokens[:, None], axis=0).astype(cfg.compute_dtype),
+                      ("batch", "length", "act_embed"))
+        stacked = self.variables["params"]["layers"]
+        layer = DecoderLayer(cfg, parent=None)
+        cache = []
+        for i, layer_cache in enumerate(state["cache"]):
+            layer_params = stacked[i] if isinstance(stacked, (tuple, list)) else jax.tree.map(lambda a: a[i], stacked)
+            (x, layer_cache), _ = layer.apply({"params": layer_params}, (x, layer_cache), positions,
+                                              kv_valid[:, None, :], index, None)
+            cache.append(layer_cache)
+        hidden = self.final_norm(x)
+        new_state = {"cache": tuple(cache), "kv_valid": kv_valid, "next_position": state["next_position"] + 1,
+                     "index": index + 1}
         return self.logits(hidden)[:, 0], new_state
+
+    @staticmethod
+    def decode_layout(params):
+        """Params as `decode_step` reads them fastest: the stacked layer params split into one
+        buffer per layer (one copy, made once per sampling call, outside the decode loop)."""
+        stacked = params["layers"]
+        num_layers = jax.tree.leaves(stacked)[0].shape[0]
+        return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))}
 
 
 def make_module(config: LlamaConfig) -> Llama:
