@@ -509,11 +509,6 @@ class Plan:
         return format_plan(self)
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Next power of two >= n (>= minimum), the sampler's prompt-length bucket."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
@@ -636,9 +631,11 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
         ))
 
     # -- sampling ---------------------------------------------------------------------------------
-    # The sampler pads prompts to a power of two (>= 16 tokens); sampling.<stage>.batch_size counts
+    # The sampler pads prompts to its half-octave bucket (>= 16 tokens); sampling.<stage>.batch_size counts
     # sequences, i.e. batch_size // num_samples prompts per call (dpost.stages.prompts_per_batch).
-    p_s = bucket_length(p, 16)
+    from dpost.models.scoring import prompt_bucket
+
+    p_s = prompt_bucket(p, 16)
     for name in ("pairs", "labels", "eval"):
         sc = config.sampling[name]
         n, m = int(sc.num_samples), int(sc.max_new_tokens)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from dpost import plan as plan_lib
+from dpost.models.scoring import prompt_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
@@ -162,7 +163,7 @@ def test_kv_cache_equals_the_samplers_state():
     module = family.make_module(spec.config)
     params = nn.unbox(sources.abstract_params(family, spec.config))
     sc = config.sampling.pairs
-    p, m, n = plan_lib.bucket_length(config.data.max_prompt_len), sc.max_new_tokens, sc.num_samples
+    p, m, n = prompt_bucket(config.data.max_prompt_len), sc.max_new_tokens, sc.num_samples
     prompts = sc.batch_size // n
     opts = sampler.StaticOptions(max_new_tokens=m, num_samples=n, greedy=False)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731

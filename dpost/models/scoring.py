@@ -37,6 +37,14 @@ def bucket_length(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+    """The sampler's prompt-length bucket: the smallest of 2^k and 1.5 * 2^k that is >= n (>= minimum).
+    Half-octave steps pad at most 50% (not 100%): prefill cost and the KV cache scale with it."""
+    n = max(int(n), minimum)
+    power = 1 << max(0, n - 1).bit_length()
+    return power * 3 // 4 if power * 3 // 4 >= n and power >= 4 else power
+
+
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool, length: int | None = None):
     """Ragged token lists -> (ids [B, L] int32, mask [B, L] int32), padded left or right."""
     length = length or bucket_length(max((len(r) for r in rows), default=1))

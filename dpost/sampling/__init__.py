@@ -20,7 +20,7 @@ companions in the batch or device count. Calculator-forced tokens count toward `
 
 Batching: prompts run in chunks of ``batch_size`` prompts (default: up to 64 rows of
 ``num_samples`` each, times the mesh's batch shards); the batch is padded to a power of two (a
-multiple of the batch shards) and the prompt length to a power of two (>= 16) or to the smallest
+multiple of the batch shards) and the prompt length to a power of two or 1.5x a power of two (>= 16) or to the smallest
 of ``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
 bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 """
@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dpost import sharding as sharding_lib
 from dpost.models.bundle import ModelBundle
-from dpost.models.scoring import bucket_length, pad_batch
+from dpost.models.scoring import pad_batch, prompt_bucket
 from dpost.sampling import forcing
 from dpost.sampling.progress import Progress
 from dpost.sampling.sampler import StaticOptions, compiled_program_count, programs
@@ -81,7 +81,7 @@ def _prompt_bucket(length: int, buckets: Sequence[int] | None) -> int:
         fitting = [int(b) for b in buckets if int(b) >= length]
         if fitting:
             return min(fitting)
-    return bucket_length(length, MIN_PROMPT_BUCKET)
+    return prompt_bucket(length, MIN_PROMPT_BUCKET)
 
 
 def _batch_shards(mesh) -> int:
