@@ -38,7 +38,7 @@ def get_config():
     c.dpo.eval_pairs = 16
     for name in ("pairs", "labels", "eval"):
         c.sampling[name].max_new_tokens = 256
-        c.sampling[name].batch_size = 16
+        c.sampling[name].batch_size = 64  # rows per decode step: weights stream once for all of them
     c.sampling.pairs.num_samples = 4
     c.sampling.labels.num_samples = 2
     c.checkpoint.every_steps = 20

@@ -1,11 +1,18 @@
-"""Multi-host start-up: initialise jax.distributed when the launch environment asks for it."""
+"""Multi-host: start-up (jax.distributed when the launch environment asks for it) and host-local
+meshes for the stages that each host runs on its own devices (sampling)."""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+from typing import Any
 
 import jax
-import logging
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from dpost import sharding
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +29,25 @@ def is_multi_process_env() -> bool:
     return False
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Explicit flags win; otherwise initialise only when a multi-process launcher is detected."""
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               heartbeat_timeout: int | None = None) -> None:
+    """Explicit flags win; otherwise initialise only when a multi-process launcher is detected.
+
+    `heartbeat_timeout` (seconds, JAX's default 100 when None): a process that stops sending
+    heartbeats that long (killed, preempted, lost) is declared dead and JAX terminates every other
+    process ("the JAX distributed service detected fatal errors"), so survivors exit instead of
+    waiting forever in a collective; a collective with a dead peer on CPU (gloo) fails at once.
+    """
     explicit = coordinator is not None or num_processes is not None
+    options = {} if heartbeat_timeout is None else {"heartbeat_timeout_seconds": int(heartbeat_timeout)}
     if explicit:
         if None in (coordinator, num_processes, process_id):
             raise ValueError("--coordinator, --num_processes and --process_id must be given together")
         if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_env():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(coordinator, num_processes, process_id, **options)
     elif is_multi_process_env():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**options)
     else:
         return
     if jax.process_index() == 0:
@@ -48,3 +63,73 @@ def _has_accelerator_env() -> bool:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+# -- host-local meshes (multi-host sampling) -------------------------------------------------------
+
+def local_mesh_shape(global_shape: dict[str, int], num_local: int) -> dict[str, int]:
+    """The mesh one host's devices form alone: `tensor` as in the global mesh (as far as the host
+    has devices for it), the rest on `fsdp` when the global mesh shards params over it (a big
+    model then stays sharded within the host), else on `data`."""
+    tensor = math.gcd(int(global_shape.get("tensor", 1)), num_local)
+    rest = num_local // tensor
+    if int(global_shape.get("fsdp", 1)) > 1:
+        return {"data": 1, "fsdp": rest, "tensor": tensor}
+    return {"data": rest, "fsdp": 1, "tensor": tensor}
+
+
+def host_local_mesh(mesh: Mesh) -> Mesh:
+    """This host's devices as a mesh with the global mesh's axis names."""
+    return sharding.make_mesh(local_mesh_shape(dict(mesh.shape), jax.local_device_count()), jax.local_devices())
+
+
+def _all_hosts_mesh(local: Mesh) -> Mesh:
+    """Every host's local mesh stacked along a leading `hosts` axis (same device order per host)."""
+    grids = [np.asarray(jax.local_devices(process_index=p)).reshape(local.devices.shape)
+             for p in range(jax.process_count())]
+    return Mesh(np.stack(grids), ("hosts",) + tuple(local.axis_names))
+
+
+def params_to_host_local(params: Any, local_shardings: Any) -> Any:
+    """Params laid out on the global mesh -> a full copy on every host's local mesh.
+
+    One reshard of the global arrays to the layout "replicated over hosts, sharded within a host
+    as the local mesh shards it" (an all-gather across hosts; each device then holds 1/local-devices
+    of the params, what sampling on the local mesh needs anyway, never a full copy per device); each
+    host's part of that layout is then its local array, taken without a copy.
+    """
+    local = jax.tree.leaves(local_shardings)[0].mesh
+    hosts = _all_hosts_mesh(local)
+    staged = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(hosts, s.spec), local_shardings))
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_single_device_arrays(x.shape, s, [sh.data for sh in x.addressable_shards]),
+        staged, local_shardings)
+
+
+# -- per-host rows of global batches ---------------------------------------------------------------
+
+def host_rows(batch: dict) -> dict:
+    """This host's contiguous part of a global batch: the rows `jax.make_array_from_process_local_data`
+    places on its devices, so the global batch is the same whatever the number of hosts."""
+    n = len(next(iter(batch.values()))) // jax.process_count()
+    i = jax.process_index()
+    return {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
+
+
+class HostBatches:
+    """This host's rows of every global batch of a checkpointable iterator (state passes through)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return host_rows(next(self.batches))
+
+    def get_state(self):
+        return self.batches.get_state()
+
+    def set_state(self, state) -> None:
+        self.batches.set_state(state)

@@ -131,7 +131,7 @@ def sample(r: Run, model: ModelBundle, iteration: int, name: str, scfg):
     stage = r.stage(iteration, name)
     if not stage.done():
         stages.sample_stage(model, r.task.train, scfg, stage, seed=r.seed(iteration, 3 if name == "sample_pairs" else 4),
-                            mesh=r.mesh, progress=r.config.progress)
+                            mesh=r.mesh, rules=r.rules, progress=r.config.progress)
     return stages.read_samples(stage), stage.manifest()
 
 
@@ -164,8 +164,12 @@ def evaluate_stage(r: Run, iteration: int, model_name: str, model: ModelBundle) 
         return stage.manifest()["eval"]
     stage.start()
     cfg = r.config
+    # Multi-host: every host evaluates on its own devices (outputs of the global mesh are not
+    # fetchable by one host); the results are the same on every host, process 0 writes them.
+    mesh = stages.sampling_mesh(r.mesh)
+    model = stages.bundle_on(model, mesh, r.rules)
     results = evaluation.evaluate(
-        model, r.task.eval_sets, cfg.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=r.mesh,
+        model, r.task.eval_sets, cfg.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
         progress=cfg.progress, out_dir=stage.path, pass_at_k=cfg.eval.pass_at_k,
         pass_at_k_temperature=cfg.eval.pass_at_k_temperature, seed=r.seed(iteration, 5),
     )
@@ -240,6 +244,8 @@ def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     model = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
     if model.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
+    mesh = stages.sampling_mesh(mesh)  # multi-host: each host evaluates on its own devices
+    model = stages.bundle_on(model, mesh, rules)
     out = absolute(workdir)
     results = evaluation.evaluate(
         model, task.eval_sets, config.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,

@@ -22,6 +22,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs:/
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host without auto-detection).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", None,
+    "Multi-host: seconds without a heartbeat after which a process counts as dead and all others exit "
+    "(JAX's default, 100, when unset).")
 
 
 def default_workdir(config_path: str) -> str:
@@ -35,7 +39,7 @@ def main(argv) -> int:
 
     console.configure_logging()
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
     from dpost import driver
 
     config_path = flags.FLAGS["config"].config_filename

@@ -17,7 +17,7 @@ import numpy as np
 import logging
 from etils import epath
 
-from dpost import models, sampling, training
+from dpost import distributed, models, sampling, training
 from dpost.data import builders, formatting, pipeline
 from dpost.data.gsm8k import Example
 from dpost.models.bundle import ModelBundle
@@ -86,16 +86,31 @@ def prompts_per_batch(scfg) -> int:
 
 
 def sampling_mesh(mesh):
-    """Sampling shards are split across hosts, so each host samples on its own devices."""
+    """Sampling shards are split across hosts, so each host samples on its own devices: the global
+    mesh on one host, else a host-local mesh (same axis names and rules) of this host's devices."""
     if mesh is None or jax.process_count() == 1:
         return mesh
-    raise NotImplementedError("multi-host sampling needs host-local params")
+    return distributed.host_local_mesh(mesh)
+
+
+def bundle_on(bundle: ModelBundle, mesh, rules) -> ModelBundle:
+    """The bundle with its params on `mesh` (a collective when the params are multi-host: every
+    host must call it, also one with nothing left to sample)."""
+    if mesh is None or bundle.mesh is None or mesh == bundle.mesh:
+        return bundle
+    boxed = models.sources.abstract_params(models.get_family(bundle.family), bundle.config)
+    local = models.sources.target_shardings(boxed, mesh, rules)
+    return bundle.replace(params=distributed.params_to_host_local(bundle.params, local), mesh=mesh)
 
 
 def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: StageDir, *, seed: int,
-                 mesh=None, progress: bool = True) -> dict:
-    """Samples `scfg.num_samples` rationales per question; resumable shard by shard."""
+                 mesh=None, rules=None, progress: bool = True) -> dict:
+    """Samples `scfg.num_samples` rationales per question; resumable shard by shard. With several
+    hosts, shard i is sampled (and its file written) by host i % process_count on its local mesh;
+    after a barrier every host reads all shard files from the shared workdir."""
     stage.start()
+    mesh = sampling_mesh(mesh)
+    sampler = bundle_on(bundle, mesh, rules)
     size = scfg.shard_questions
     shards = [examples[i : i + size] for i in range(0, len(examples), size)]
     for index, shard in enumerate(shards):
@@ -106,9 +121,9 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
             continue
         prompts = [prompt_ids(bundle, ex.question) for ex in shard]
         outputs = sampling.generate(
-            bundle, prompts, num_samples=scfg.num_samples, max_new_tokens=scfg.max_new_tokens,
+            sampler, prompts, num_samples=scfg.num_samples, max_new_tokens=scfg.max_new_tokens,
             temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k, seed=stage_seed(seed, index),
-            calculator=scfg.calculator, mesh=sampling_mesh(mesh), batch_size=prompts_per_batch(scfg), progress=progress,
+            calculator=scfg.calculator, mesh=mesh, batch_size=prompts_per_batch(scfg), progress=progress,
         )
         rows = []
         for ex, prompt, outs in zip(shard, prompts, outputs):
@@ -295,7 +310,9 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     missing = np.isnan(ref_c) | np.isnan(ref_r)
     harvested = int((~np.isnan(ref_c)).sum() + (~np.isnan(ref_r)).sum())
     if missing.any():
-        sc, sr = _score_pairs(policy, {k: v[missing] for k, v in arrays.items()}, mesh, rules)
+        # on this host's devices (multi-host: outputs of the global mesh are not fetchable)
+        scorer = bundle_on(policy, sampling_mesh(mesh), rules)
+        sc, sr = _score_pairs(scorer, {k: v[missing] for k, v in arrays.items()}, mesh, rules)
         ref_c[missing] = np.where(np.isnan(ref_c[missing]), sc, ref_c[missing])
         ref_r[missing] = np.where(np.isnan(ref_r[missing]), sr, ref_r[missing])
     arrays["ref_chosen_logps"], arrays["ref_rejected_logps"] = ref_c, ref_r
@@ -315,13 +332,13 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     if dcfg.reference == "in_step":
         ref_params = policy.params
         step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
-    host = {k: v[jax.process_index()::jax.process_count()] for k, v in arrays.items()}
-    data = training.ArrayIterator(host, batch_size // jax.process_count(), seed=seed)
+    data = distributed.HostBatches(training.ArrayIterator(arrays, batch_size, seed=seed))
 
     n_eval = min(cfg.dpo.eval_pairs, len(items))
     eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules)
     eval_batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n_eval, batch_size)]
     eval_batches = [b for b in eval_batches if len(b["prompt"]) == batch_size] or eval_batches[:1]
+    eval_batches = [distributed.host_rows(b) for b in eval_batches]
 
     def eval_fn(st):
         return training.evaluate_dpo(eval_step, st.params, eval_batches,

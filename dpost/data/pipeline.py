@@ -252,13 +252,16 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
                 min_bucket: int = MIN_BUCKET) -> Iterator[dict[str, np.ndarray]]:
     """A grain iterator of per-host batches; checkpoint it with ``get_state()``/``set_state()``.
 
-    Each host takes a fixed shard (``shard_index`` of ``shard_count``; default: the JAX process),
-    reshuffled every epoch from ``seed``. ``num_epochs=None`` repeats forever (step-driven
-    training). Training (``drop_remainder``): shards are cut to equal length, batches run on across
-    epoch boundaries and a final partial batch is dropped, so every host runs the same number of
-    steps (``num_batches``). Evaluation (``drop_remainder=False``,
-    usually ``shuffle=False``): the data are padded with filler rows (``valid`` 0) to whole
-    batches on every host, so nothing is lost and hosts stay in lockstep.
+    The data are shuffled (every epoch, from ``seed``) and cut into global batches of
+    ``batch_size * shard_count`` rows; each host takes its contiguous part of every global batch
+    (``shard_index`` of ``shard_count``; default: the JAX process), the rows that
+    ``jax.make_array_from_process_local_data`` places on its devices, so the global batches, and
+    the training run, do not depend on the number of hosts. ``num_epochs=None`` repeats forever
+    (step-driven training). Training (``drop_remainder``): the data are cut to a multiple of
+    ``shard_count``, batches run on across epoch boundaries and a final partial batch is dropped,
+    so every host runs the same number of steps (``num_batches``). Evaluation
+    (``drop_remainder=False``, usually ``shuffle=False``): the data are padded with filler rows
+    (``valid`` 0) to whole batches on every host, so nothing is lost and hosts stay in lockstep.
     """
     import grain
 
@@ -271,17 +274,18 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
         rows = rows[: len(rows) // count * count]
     else:
         rows += [{}] * (-len(rows) % (count * batch_size))
-    ds = grain.MapDataset.source(rows)[index::count]
+    ds = grain.MapDataset.source(rows)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reshuffles each epoch with a seed derived from ``seed``
 
     def batch_fn(chunk: Sequence[Item]) -> dict[str, np.ndarray]:
+        chunk = chunk[index * batch_size : (index + 1) * batch_size]  # this host's rows
         return collate(chunk, pad_id=pad_id, max_prompt_len=max_prompt_len,
                        max_completion_len=max_completion_len, batch_size=batch_size,
                        min_bucket=min_bucket, keys=keys)
 
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    ds = ds.batch(batch_size * count, drop_remainder=drop_remainder, batch_fn=batch_fn)
     # Items are tokenized up front; collation is cheap, so a small prefetch suffices.
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
