@@ -129,10 +129,13 @@ def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict], in
 
 def sample(r: Run, model: ModelBundle, iteration: int, name: str, scfg):
     stage = r.stage(iteration, name)
-    if not stage.done():
-        stages.sample_stage(model, r.task.train, scfg, stage, seed=r.seed(iteration, 3 if name == "sample_pairs" else 4),
-                            mesh=r.mesh, rules=r.rules, progress=r.config.progress)
-    return stages.read_samples(stage), stage.manifest()
+    if stage.done():
+        manifest = stage.manifest()
+    else:  # (its return value: on other hosts than 0 the manifest file may not be written yet)
+        manifest = stages.sample_stage(model, r.task.train, scfg, stage,
+                                       seed=r.seed(iteration, 3 if name == "sample_pairs" else 4),
+                                       mesh=r.mesh, rules=r.rules, progress=r.config.progress)
+    return stages.read_samples(stage), manifest
 
 
 def preference_pairs(r: Run, iteration: int, rounds):

@@ -174,9 +174,12 @@ class Checkpointer:
         return self.save_every > 0 and step > 0 and step % self.save_every == 0
 
     # -- save -----------------------------------------------------------------------------------------
-    def save(self, state: TrainState, *, data_state: Any = None, meta: dict | None = None, force: bool = False) -> bool:
-        """Saves at `state.step` (if due, or `force`). Returns whether a save was started."""
-        step = int(jax.device_get(state.step))
+    def save(self, state: TrainState, *, data_state: Any = None, meta: dict | None = None, force: bool = False,
+             step: int | None = None) -> bool:
+        """Saves at `state.step` (if due, or `force`). Returns whether a save was started. Callers that
+        track the step on the host pass it as `step`: reading `state.step` would wait for the step's
+        computation and stop the host from dispatching ahead."""
+        step = int(jax.device_get(state.step)) if step is None else int(step)
         if not force and not self.should_save(step):
             return False
         if step in self.manager.all_steps():

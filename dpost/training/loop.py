@@ -328,7 +328,7 @@ def run(
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
                     do_eval(step)
                 if ckpt is not None:
-                    ckpt.save(state, data_state=position, meta=meta)
+                    ckpt.save(state, data_state=position, meta=meta, step=step)
                 if step == sigterm_after:
                     os.kill(os.getpid(), 15)
                 if guard.should_stop(step):
