@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -63,6 +64,25 @@ def _has_accelerator_env() -> bool:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def is_multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def describe() -> str:
+    return f"{jax.process_index()} of {jax.process_count()}"
+
+
+def exit_now_if_multi_process(code: int) -> None:
+    """A failed process of a multi-process run exits at once, skipping JAX's shutdown barrier (where
+    it would wait, up to its 5-minute timeout, for peers blocked in a collective it will never
+    join): the peers' next collective then fails at once, and JAX's heartbeat check ends peers that
+    are still computing."""
+    if is_multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 # -- host-local meshes (multi-host sampling) -------------------------------------------------------

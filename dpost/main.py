@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -57,7 +58,16 @@ def main(argv) -> int:
             raise ValueError(f"config field 'mode' must be 'train' or 'eval', got {config.mode!r}")
     except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, non-zero exit
         print(f"dpost: error: {err}", file=sys.stderr)
+        distributed.exit_now_if_multi_process(2)
         return 2
+    except Exception as err:
+        if distributed.is_multi_process():
+            traceback.print_exc()
+            print(f"dpost: error: process {distributed.describe()} failed: {type(err).__name__}: {err}\n"
+                  "dpost: in a multi-process run this often means that another process stopped (see its log); "
+                  "rerun every process with the same --workdir to resume.", file=sys.stderr)
+            distributed.exit_now_if_multi_process(1)
+        raise
     return 0
 
 
