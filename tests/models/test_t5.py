@@ -269,8 +269,9 @@ def test_prefill_decode_match_torch(case):
     assert logits.shape == ref.shape
     assert np.abs(np.asarray(logits) - ref).max() <= 1e-4
     assert int(state["index"]) == max_new + 1
-    assert state["cache"]["k"].shape == (cfg.num_decoder_layers, len(prompt) * n, max_new + 1, cfg.num_heads, cfg.d_kv)
-    assert state["cross_kv"]["v"].shape == (cfg.num_decoder_layers, len(prompt) * n, prompt.shape[1], cfg.num_heads, cfg.d_kv)
+    assert len(state["cache"]) == cfg.num_decoder_layers  # one buffer per layer
+    assert state["cache"][0]["k"].shape == (len(prompt) * n, max_new + 1, cfg.num_heads, cfg.d_kv)
+    assert state["cross_kv"][-1]["v"].shape == (len(prompt) * n, prompt.shape[1], cfg.num_heads, cfg.d_kv)
     assert state["enc_mask"].shape == (len(prompt) * n, prompt.shape[1])
 
 
@@ -314,7 +315,7 @@ def test_bf16_compute_smoke():
     _, state = jax.eval_shape(
         lambda p: module.apply({"params": p}, prompt, prompt_mask, 4, 2, method="prefill"), params
     )
-    assert state["cache"]["k"].dtype == jnp.bfloat16 and state["cross_kv"]["k"].dtype == jnp.bfloat16
+    assert state["cache"][0]["k"].dtype == jnp.bfloat16 and state["cross_kv"][0]["k"].dtype == jnp.bfloat16
     assert state["index"].dtype == jnp.int32 and state["index"].shape == ()
 
 

@@ -290,8 +290,9 @@ class Decoder(nn.Module):
     def __call__(self, x, enc, enc_mask, cache=None, cache_index=None, cross_kv=None):
         """x [B, T, D] embedded decoder tokens; enc [B, S, D] (None when cross_kv is given); enc_mask [B, S].
 
-        Without a cache: teacher forcing over T positions (causal). With a cache [L, B, S_dec, H, Dh]:
-        the T tokens sit at slots cache_index.., attending to cache slots <= their own.
+        Without a cache: teacher forcing over T positions (causal). With a cache ({k, v} [L, B, S_dec,
+        H, Dh] in prefill, a tuple of per-layer {k, v} [B, S_dec, H, Dh] when decoding): the T tokens
+        sit at slots cache_index.., attending to cache slots <= their own.
         Returns (hidden [B, T, D], cache, new_cross_kv).
         """
         cfg = self.config
@@ -303,7 +304,8 @@ class Decoder(nn.Module):
         else:
             index = jnp.asarray(cache_index, jnp.int32)
             q_pos = index + jnp.arange(t)
-            k_pos = jnp.arange(cache["k"].shape[2])
+            slots = cache[0]["k"].shape[1] if isinstance(cache, tuple) else cache["k"].shape[2]
+            k_pos = jnp.arange(slots)
         # Causal buckets depend only on the distance q - k >= 0: a host table over all distances.
         by_distance = jnp.asarray(
             relative_position_bucket(
@@ -315,8 +317,25 @@ class Decoder(nn.Module):
         bias = position_bias(self.relpos, by_distance[distance])
         self_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         cross_mask = enc_mask.astype(bool)[:, None, None, :]
+        if isinstance(cache, tuple):  # decoding: one cache and cross-kv buffer per layer, layers unrolled
+            x, cache = self._unrolled(x, bias, self_mask, cross_mask, index, cache, cross_kv)
+            return constrain(self.final_norm(x), ("batch", "length", "act_embed")), cache, None
         x, (cache, new_cross_kv) = self.layers(x, bias, self_mask, enc, cross_mask, index, cache, cross_kv)
         return constrain(self.final_norm(x), ("batch", "length", "act_embed")), cache, new_cross_kv
+
+    def _unrolled(self, x, bias, self_mask, cross_mask, index, cache, cross_kv):
+        """Per-layer params (the `decode_layout` split, else slices of the stacked ones) and per-layer
+        caches: a scanned decode step would copy each layer's weights and caches out of the stacked
+        buffers (see the Llama decode_step)."""
+        stacked = self.variables["params"]["layers"]
+        layer = DecoderLayer(self.config, parent=None)
+        new_cache = []
+        for i, (layer_cache, layer_cross) in enumerate(zip(cache, cross_kv)):
+            layer_params = stacked[i] if isinstance(stacked, (tuple, list)) else jax.tree.map(lambda a: a[i], stacked)
+            x, (layer_cache, _) = layer.apply({"params": layer_params}, x, bias, self_mask, None, cross_mask, index,
+                                              layer_cache, layer_cross)
+            new_cache.append(layer_cache)
+        return x, tuple(new_cache)
 
 
 class T5(nn.Module):
@@ -391,8 +410,9 @@ class T5(nn.Module):
     def prefill(self, prompt, prompt_mask, max_new_tokens: int, num_samples: int = 1):
         """Encodes once, runs the decoder on the start token (slot 0), then expands to B * num_samples rows.
 
-        state: cache {k, v} [L, B*n, max_new_tokens + 1, H, Dh], cross_kv {k, v} [L, B*n, S, H, Dh],
-        enc_mask [B*n, S] bool, index int32 (the slot the next decode_step token goes to).
+        state: cache, a tuple of per-layer {k, v} [B*n, max_new_tokens + 1, H, Dh]; cross_kv, a tuple of
+        per-layer {k, v} [B*n, S, H, Dh]; enc_mask [B*n, S] bool; index int32 (the slot the next
+        decode_step token goes to).
         """
         b = prompt.shape[0]
         mask = prompt_mask.astype(bool)
@@ -402,9 +422,13 @@ class T5(nn.Module):
             self.embed_tokens(self._start_tokens(b, prompt.dtype)), enc, mask, cache, jnp.asarray(0, jnp.int32)
         )
         logits = self.logits(hidden)[:, 0]
+
+        def per_layer(kv):
+            return tuple({"k": kv["k"][i], "v": kv["v"][i]} for i in range(self.config.num_decoder_layers))
+
         state = {
-            "cache": layers.repeat_batch(cache, num_samples, axis=1),
-            "cross_kv": layers.repeat_batch(cross_kv, num_samples, axis=1),
+            "cache": layers.repeat_batch(per_layer(cache), num_samples),
+            "cross_kv": layers.repeat_batch(per_layer(cross_kv), num_samples),
             "enc_mask": layers.repeat_batch(mask, num_samples),
             "index": jnp.asarray(1, jnp.int32),
         }
@@ -417,6 +441,15 @@ class T5(nn.Module):
         )
         new_state = {"cache": cache, "cross_kv": state["cross_kv"], "enc_mask": state["enc_mask"], "index": index + 1}
         return self.logits(hidden)[:, 0], new_state
+
+    @staticmethod
+    def decode_layout(params):
+        """The decoder's stacked layer params split into one buffer per layer (made once per
+        sampling call, outside the decode loop); see `Decoder._unrolled`."""
+        stacked = params["decoder"]["layers"]
+        num_layers = jax.tree.leaves(stacked)[0].shape[0]
+        layers_ = tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
+        return {**params, "decoder": {**params["decoder"], "layers": layers_}}
 
 
 def make_module(config: T5Config) -> T5:
