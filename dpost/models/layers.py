@@ -66,3 +66,16 @@ def repeat_batch(tree, n: int, axis: int = 0):
     if n == 1:
         return tree
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=axis), tree)
+
+
+def split_layers(stacked):
+    """Scanned layer params (leading `layers` axis) -> a tuple of per-layer pytrees (separate buffers)."""
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
+
+
+def layer_params(layers_params, i: int):
+    """Layer i's params from either layout: split (a tuple, see `split_layers`) or stacked."""
+    if isinstance(layers_params, (tuple, list)):
+        return layers_params[i]
+    return jax.tree.map(lambda a: a[i], layers_params)

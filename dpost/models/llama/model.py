@@ -294,9 +294,8 @@ class Llama(nn.Module):
         layer = DecoderLayer(cfg, parent=None)
         cache = []
         for i, layer_cache in enumerate(state["cache"]):
-            layer_params = stacked[i] if isinstance(stacked, (tuple, list)) else jax.tree.map(lambda a: a[i], stacked)
-            (x, layer_cache), _ = layer.apply({"params": layer_params}, (x, layer_cache), positions,
-                                              kv_valid[:, None, :], index, None)
+            (x, layer_cache), _ = layer.apply({"params": layers.layer_params(stacked, i)}, (x, layer_cache),
+                                              positions, kv_valid[:, None, :], index, None)
             cache.append(layer_cache)
         hidden = self.final_norm(x)
         new_state = {"cache": tuple(cache), "kv_valid": kv_valid, "next_position": state["next_position"] + 1,
@@ -307,9 +306,7 @@ class Llama(nn.Module):
     def decode_layout(params):
         """Params as `decode_step` reads them fastest: the stacked layer params split into one
         buffer per layer (one copy, made once per sampling call, outside the decode loop)."""
-        stacked = params["layers"]
-        num_layers = jax.tree.leaves(stacked)[0].shape[0]
-        return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))}
+        return {**params, "layers": layers.split_layers(params["layers"])}
 
 
 def make_module(config: LlamaConfig) -> Llama:

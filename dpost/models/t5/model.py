@@ -331,9 +331,8 @@ class Decoder(nn.Module):
         layer = DecoderLayer(self.config, parent=None)
         new_cache = []
         for i, (layer_cache, layer_cross) in enumerate(zip(cache, cross_kv)):
-            layer_params = stacked[i] if isinstance(stacked, (tuple, list)) else jax.tree.map(lambda a: a[i], stacked)
-            x, (layer_cache, _) = layer.apply({"params": layer_params}, x, bias, self_mask, None, cross_mask, index,
-                                              layer_cache, layer_cross)
+            x, (layer_cache, _) = layer.apply({"params": layers.layer_params(stacked, i)}, x, bias, self_mask, None,
+                                              cross_mask, index, layer_cache, layer_cross)
             new_cache.append(layer_cache)
         return x, tuple(new_cache)
 
@@ -446,10 +445,8 @@ class T5(nn.Module):
     def decode_layout(params):
         """The decoder's stacked layer params split into one buffer per layer (made once per
         sampling call, outside the decode loop); see `Decoder._unrolled`."""
-        stacked = params["decoder"]["layers"]
-        num_layers = jax.tree.leaves(stacked)[0].shape[0]
-        layers_ = tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
-        return {**params, "decoder": {**params["decoder"], "layers": layers_}}
+        decoder = {**params["decoder"], "layers": layers.split_layers(params["decoder"]["layers"])}
+        return {**params, "decoder": decoder}
 
 
 def make_module(config: T5Config) -> T5:
