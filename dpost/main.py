@@ -6,7 +6,9 @@ Runs DPO-ST (or `method=sft|st`) end to end and writes WORKDIR/results.json, rep
 accuracy.png; rerunning with the same workdir resumes. `--config.mode=eval
 --config.eval.checkpoint=orbax:<dir>` evaluates one model and writes WORKDIR/eval.json.
 Multi-host: `jax.distributed.initialize()` runs when the environment is multi-process (Cloud TPU
-pod, SLURM) or when --coordinator/--num_processes/--process_id are given.
+pod, SLURM) or when --coordinator/--num_processes/--process_id are given; when one process dies
+the others exit non-zero (within --heartbeat_timeout seconds at most) and rerunning every process
+with the same workdir resumes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 Every stage writes into its own `StageDir` and finishes by writing the manifest, so a rerun skips
 it. Training stages resume from their last Orbax checkpoint; sampling resumes from its last
-completed shard file. Multi-host: sampling shards are split across processes and gathered through
-the (shared) workdir; training is SPMD over the global mesh.
+completed shard file. Multi-host: training is SPMD over the global mesh (each host feeds its part
+of every global batch); sampling shards are split across hosts, each host samples its shards on a
+host-local mesh of its own devices (params brought there by one reshard) and writes their files,
+and after a barrier every host reads all shard files from the shared workdir. Other files are
+written by process 0 only.
 """
 
 from __future__ import annotations
