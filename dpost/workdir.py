@@ -56,7 +56,7 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp{jax.process_index()}"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)  # replace, not rename: rerunning a finished run rewrites results.json
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
