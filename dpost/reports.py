@@ -86,7 +86,7 @@ def plot_accuracy(path: epath.Path, runs: dict[str, list[dict]], split: str, tit
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    tmp.replace(path)  # overwrites the plot of an earlier (rerun) report
 
 
 def write_run_reports(workdir: epath.Path, results: dict, split: str) -> None:

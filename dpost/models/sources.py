@@ -260,7 +260,7 @@ def save_orbax(bundle: ModelBundle, directory: str) -> None:
         info = {"family": bundle.family, "config": dataclasses.asdict(bundle.config)}
         tmp = root / (MODEL_INFO_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))
-        tmp.rename(root / MODEL_INFO_FILE)
+        tmp.replace(root / MODEL_INFO_FILE)  # overwrites an earlier save of the same model
         if bundle.tokenizer is not None:
             _save_tokenizer(bundle.tokenizer, root / TOKENIZER_DIR)
 
