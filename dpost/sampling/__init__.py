@@ -28,6 +28,7 @@ bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Sequence
@@ -111,13 +112,7 @@ def decode_layout(module, params):
     return params if layout is None else _jitted_layout(layout)(params)
 
 
-_LAYOUTS: dict = {}
-
-
-def _jitted_layout(layout):
-    if layout not in _LAYOUTS:
-        _LAYOUTS[layout] = jax.jit(layout)
-    return _LAYOUTS[layout]
+_jitted_layout = functools.lru_cache(maxsize=None)(jax.jit)  # one jit object (and cache) per layout
 
 
 def _put(x, mesh, batch: bool):
