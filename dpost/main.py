@@ -14,6 +14,7 @@ with the same workdir resumes.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -78,9 +79,13 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-        message = " ".join(str(err).replace("\\n", " ").replace("\\", "").split()).strip("'")
-        if isinstance(err, AttributeError):  # ConfigDict's "no such field" (with its suggestion)
-            message = "unknown config field '" + message
+        message = " ".join(str(err).replace("\\n", " ").replace("\\", "").split()).strip("'\"")
+        if isinstance(err, (AttributeError, KeyError)):  # ConfigDict's "no such field" (with its suggestion)
+            field = re.match(r"[\w]+", message)
+            overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+            named = [o for o in overrides if field and o.split(".")[-1] == field.group(0)]
+            suggestion = message[field.end():].strip(" '\"") if field else message
+            message = f"unknown config field '{named[0] if named else message}'" + (f" ({suggestion})" if suggestion else "")
         print(f"dpost: error: bad command line: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -122,6 +122,20 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path, reference_run, crash
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
+def test_rerun_of_finished_run_changes_nothing(reference_run):
+    """Rerunning a finished run skips every stage and rewrites the same reports in place."""
+    manifests = {}
+    for root, _, files in os.walk(reference_run):
+        if "manifest.json" in files:
+            path = os.path.join(root, "manifest.json")
+            manifests[path] = os.stat(path).st_mtime_ns
+    before = load_results(reference_run)
+    run_main(reference_run, "--config.method=dpo_st")
+    assert comparable(load_results(reference_run)) == comparable(before)
+    assert {p: os.stat(p).st_mtime_ns for p in manifests} == manifests  # no stage ran again
+    assert not [n for n in os.listdir(reference_run) if ".tmp" in n]
+
+
 def test_changed_config_is_refused(reference_run):
     proc = run_main(reference_run, "--config.method=dpo_st", "--config.dpo.beta=0.5", check=False)
     assert proc.returncode != 0

@@ -5,6 +5,12 @@ rationale has one GSM8K-style equation line per step (``a+b=<<a+b=r>>r``) and a 
 templates, names and items, and integer results only, so a tiny model can learn it in minutes and
 the whole DPO-ST loop (sampling, calculator, pairs, pseudo-labels) runs on a laptop.
 
+A question has several correct rationales, as GSM8K questions do: the operands of ``+`` and ``*``
+are written in either order (``12+5`` or ``5+12``), the gold rationale picking one at random per
+line (``Difficulty.commute``). Self-training needs this: with one correct way to write every
+solution, each correct sample equals the gold rationale, the protocol's Jaccard de-duplication drops
+it, and the pseudo-label set is the gold set again (measured: README, "CPU default").
+
 ``make_splits`` draws held-out sets first, then train, from one seeded stream and removes duplicate
 questions across all splits, so held-out questions never appear in train and test/dev do not
 change when ``n_train`` does. ``train_tokenizer`` builds a small byte-level BPE tokenizer (digits
@@ -43,6 +49,7 @@ class Difficulty:
     max_factor: int = 5  # factors and divisors are drawn from [2, max_factor]
     max_value: int = 999
     ops: tuple[str, ...] = OPS
+    commute: float = 0.5  # probability that a + or * line writes its operands as k op x
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -53,17 +60,28 @@ class Difficulty:
             raise ValueError("need max_start >= 2, max_operand >= 1, max_factor >= 2")
         if self.max_value < max(self.max_start, self.max_operand):
             raise ValueError("max_value must be >= max_start and max_operand")
+        if not 0.0 <= self.commute <= 1.0:
+            raise ValueError(f"commute is a probability in [0, 1], got {self.commute}")
 
 
-# op -> (question sentence, rationale line). Fields: n (name), i (item), k (operand), x (before), r (after).
-_TEMPLATES = {
-    # Rationale lines are terse (the step's equation only) so a tiny model's sequences stay short;
-    # choosing the operation and operands is the reasoning the model must learn.
-    "+": ("Then {n} gets {k} more {i}s.", "{x}+{k}=<<{x}+{k}={r}>>{r}"),
-    "-": ("Then {n} gives away {k} {i}s.", "{x}-{k}=<<{x}-{k}={r}>>{r}"),
-    "*": ("Then {n} ends up with {k} times as many {i}s.", "{x}*{k}=<<{x}*{k}={r}>>{r}"),
-    "/": ("Then {n} splits the {i}s into {k} equal piles and keeps one pile.", "{x}/{k}=<<{x}/{k}={r}>>{r}"),
+# op -> question sentence. Fields: n (name), i (item), k (operand).
+_QUESTION_TEMPLATES = {
+    "+": "Then {n} gets {k} more {i}s.",
+    "-": "Then {n} gives away {k} {i}s.",
+    "*": "Then {n} ends up with {k} times as many {i}s.",
+    "/": "Then {n} splits the {i}s into {k} equal piles and keeps one pile.",
 }
+COMMUTATIVE = ("+", "*")
+
+
+def rationale_line(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
+    """One step's line, terse (the equation only) so a tiny model's sequences stay short: choosing
+    the operation and operands is the reasoning the model must learn. ``swap`` writes ``k op x``
+    (only for commutative operations)."""
+    if swap and op not in COMMUTATIVE:
+        raise ValueError(f"operation {op!r} does not commute")
+    expr = f"{k}{op}{x}" if swap else f"{x}{op}{k}"
+    return f"{expr}=<<{expr}={r}>>{r}"
 
 
 def _step(rng: random.Random, x: int, d: Difficulty) -> tuple[str, int, int] | None:
@@ -103,9 +121,9 @@ def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> d
         if step is None:
             break
         op, k, r = step
-        q_tmpl, a_tmpl = _TEMPLATES[op]
-        question.append(q_tmpl.format(k=k, **fields))
-        lines.append(a_tmpl.format(k=k, x=x, r=r, **fields))
+        question.append(_QUESTION_TEMPLATES[op].format(k=k, **fields))
+        swap = d.commute > 0 and op in COMMUTATIVE and rng.random() < d.commute  # commute=0: no draw
+        lines.append(rationale_line(op, x, k, r, swap))
         x = r
     question.append(f"How many {item}s does {name} have now?")
     lines.append(f"#### {x}")

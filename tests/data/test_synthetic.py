@@ -70,6 +70,50 @@ def test_difficulty_knobs():
         synthetic.make_splits(0, 500, 0, 0, Difficulty(max_start=2, min_steps=1, max_steps=1, ops=("+",), max_operand=1))
 
 
+def test_questions_have_several_correct_rationales(splits):
+    """Operands of + and * appear in both orders in the gold rationales, so a correct sample can
+    differ from the gold one and survive the protocol's Jaccard de-duplication as a pseudo-label."""
+    from dpost.data import builders
+
+    def steps(ex):  # (x, op, k, r, line) per equation line, x being the running count before it
+        x = int(re.match(r"\w+ has (\d+)", ex.question).group(1))
+        for line in ex.answer.splitlines()[:-1]:
+            a, op, b, r = re.fullmatch(r"(\d+)([-+*/])(\d+)=<<.*=(\d+)>>\d+", line).groups()
+            k = int(b) if int(a) == x else int(a)
+            yield x, op, k, int(r), line
+            x = int(r)
+
+    swapped = [ex for ex in splits["train"] if any(
+        op in "+*" and line == synthetic.rationale_line(op, x, k, r, swap=True) != synthetic.rationale_line(op, x, k, r)
+        for x, op, k, r, line in steps(ex))]
+    assert 0.3 < len(swapped) / len(splits["train"]) < 0.95
+
+    # the other order of every commutable line is also a correct rationale, and it is kept as a pseudo-label
+    ex = next(e for e in splits["train"] if next(steps(e))[1] in "+*")
+    x, op, k, r, first = next(steps(ex))
+    flipped = synthetic.rationale_line(op, x, k, r, swap=first == synthetic.rationale_line(op, x, k, r))
+    other = ex.answer.replace(first, flipped, 1)
+    assert other != ex.answer and gsm8k.is_correct(gsm8k.extract_answer(other), ex.gold)
+    labels = builders.build_pseudo_labels(
+        [builders.QuestionSamples(ex.id, ex.question, ex.answer, ex.gold, [other, ex.answer])], "llama")
+    assert [l.target for l in labels] == [format_example("llama", ex)[1], format_example("llama", type(ex)(
+        ex.question, other, ex.gold, ex.id))[1]]
+
+
+def test_commute_zero_writes_one_order():
+    rng = random.Random(3)
+    for _ in range(200):
+        row = synthetic.make_problem(rng, Difficulty(commute=0.0, max_start=20, max_value=200))
+        x = int(re.match(r"\w+ has (\d+)", row["question"]).group(1))
+        for line in row["answer"].splitlines()[:-1]:  # each line starts from the running count
+            assert line.startswith(f"{x}")
+            x = int(line.rsplit(">>", 1)[1])
+    with pytest.raises(ValueError, match="commute"):
+        Difficulty(commute=1.5)
+    with pytest.raises(ValueError, match="does not commute"):
+        synthetic.rationale_line("-", 5, 2, 3, swap=True)
+
+
 def test_write_splits_round_trip(splits, tmp_path):
     synthetic.write_splits(tmp_path, splits)
     for split, rows in splits.items():
