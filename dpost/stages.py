@@ -310,14 +310,14 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     arrays = _pair_arrays(items, pad, p_len, c_len)
     ref_c = np.array([np.nan if r[0] is None else r[0] for r in refs], np.float32)
     ref_r = np.array([np.nan if r[1] is None else r[1] for r in refs], np.float32)
-    missing = np.isnan(ref_c) | np.isnan(ref_r)
     harvested = int((~np.isnan(ref_c)).sum() + (~np.isnan(ref_r)).sum())
-    if missing.any():
+    wanted = [(int(i), "chosen") for i in np.flatnonzero(np.isnan(ref_c))] + \
+             [(int(i), "rejected") for i in np.flatnonzero(np.isnan(ref_r))]
+    if wanted:  # only the sides the sampler did not score (gold rationales, earlier rounds' samples)
         # on this host's devices (multi-host: outputs of the global mesh are not fetchable)
-        scorer = bundle_on(policy, sampling_mesh(mesh), rules)
-        sc, sr = _score_pairs(scorer, {k: v[missing] for k, v in arrays.items()}, mesh, rules)
-        ref_c[missing] = np.where(np.isnan(ref_c[missing]), sc, ref_c[missing])
-        ref_r[missing] = np.where(np.isnan(ref_r[missing]), sr, ref_r[missing])
+        scores = _score_sides(bundle_on(policy, sampling_mesh(mesh), rules), arrays, wanted)
+        for (i, side), score in zip(wanted, scores):
+            (ref_c if side == "chosen" else ref_r)[i] = score
     arrays["ref_chosen_logps"], arrays["ref_rejected_logps"] = ref_c, ref_r
 
     batch_size = min(cfg.dpo.batch_size, len(items) // jax.process_count() * jax.process_count())
@@ -367,18 +367,28 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     return trained, manifest
 
 
-def _score_pairs(bundle: ModelBundle, arrays: dict[str, np.ndarray], mesh, rules) -> tuple[np.ndarray, np.ndarray]:
-    """Reference log-probs of chosen/rejected in fixed-size batches (one compiled program)."""
-    ref = training.make_reference_fn(bundle.module)
-    n = len(arrays["prompt"])
-    bs = min(32, n)
-    out_c, out_r = [], []
-    for i in range(0, n, bs):
-        chunk = {k: v[i : i + bs] for k, v in arrays.items()}
+def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Sequence[tuple[int, str]],
+                 batch_size: int = 32) -> np.ndarray:
+    """Summed log-probs of the (pair row, "chosen" | "rejected") completions in `wanted`, in batches
+    of one fixed shape (one compiled program; the last batch is filled by repeating its last row)."""
+    rows = np.array([i for i, _ in wanted])
+    width = max(arrays[side].shape[1] for side in ("chosen", "rejected"))
+
+    def completions(suffix):  # right-padded to one width (pad id / mask 0 beyond each row's length)
+        fill = 0 if suffix else bundle.pad_token_id
+        return np.stack([np.pad(arrays[side + suffix][i], (0, width - arrays[side].shape[1]), constant_values=fill)
+                         for i, side in wanted])
+
+    columns = {"prompt": arrays["prompt"][rows], "prompt_mask": arrays["prompt_mask"][rows],
+               "completion": completions(""), "completion_mask": completions("_mask")}
+    bs = min(batch_size, len(wanted))
+    out = []
+    for start in range(0, len(wanted), bs):
+        chunk = {k: v[start : start + bs] for k, v in columns.items()}
         short = bs - len(chunk["prompt"])
         if short:
             chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
-        c, r = jax.device_get(ref(bundle.params, training.put_batch(chunk)))
-        out_c.append(np.asarray(c)[: bs - short])
-        out_r.append(np.asarray(r)[: bs - short])
-    return np.concatenate(out_c), np.concatenate(out_r)
+        scores = models.scoring.padded_sequence_logprobs(
+            bundle, chunk["prompt"], chunk["prompt_mask"], chunk["completion"], chunk["completion_mask"])
+        out.append(scores[: bs - short])
+    return np.concatenate(out).astype(np.float32)

@@ -67,5 +67,10 @@ def sequence_logprobs(bundle: ModelBundle, prompt_ids, completion_ids) -> np.nda
     pad = bundle.pad_token_id
     prompt, prompt_mask = pad_batch(prompt_ids, pad, left=True)
     completion, completion_mask = pad_batch(completion_ids, pad, left=False)
+    return padded_sequence_logprobs(bundle, prompt, prompt_mask, completion, completion_mask)
+
+
+def padded_sequence_logprobs(bundle: ModelBundle, prompt, prompt_mask, completion, completion_mask) -> np.ndarray:
+    """`sequence_logprobs` of already padded arrays (prompt left-padded, completion right-padded)."""
     out = _sequence_logprobs(bundle.module, bundle.params, prompt, prompt_mask, completion, completion_mask)
     return np.asarray(out, dtype=np.float64)

@@ -204,6 +204,31 @@ def test_reference_in_step_equals_precomputed():
     assert float(m1["nll"]) > 0 and float(m1["rewards/chosen"]) != 0
 
 
+def test_dpo_stage_scores_only_the_missing_reference_sides():
+    """The DPO stage scores the reference log-probs the sampler did not harvest (gold rationales,
+    earlier rounds), side by side: each (pair, side) gets transformers' summed completion log-prob."""
+    import types
+
+    import torch
+
+    from dpost import stages
+
+    module, _, params, _ = llama()
+    batch = th.pair_batch(11, batch=5)
+    wanted = [(0, "chosen"), (3, "chosen"), (1, "rejected"), (4, "rejected"), (3, "rejected")]
+    bundle = types.SimpleNamespace(module=module, params=params, pad_token_id=0)
+    got = stages._score_sides(bundle, batch, wanted, batch_size=2)  # 3 batches, the last one filled
+    hf = th.hf_llama()
+    for (i, side), score in zip(wanted, got):
+        prompt = batch["prompt"][i][batch["prompt_mask"][i] == 1]
+        completion = batch[side][i][batch[side + "_mask"][i] == 1]
+        ids = torch.tensor(np.concatenate([prompt, completion])[None].astype(np.int64))
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+        expected = logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum().item()
+        np.testing.assert_allclose(score, expected, rtol=1e-4, err_msg=f"{side} of pair {i}")
+
+
 def test_sft_step_loss_and_filler_rows():
     """The SFT step's loss is the eval step's token-mean NLL (checked against transformers above);
     DPO filler rows (valid 0) do not count, whatever they hold. Gradient accumulation == the full
