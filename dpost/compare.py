@@ -53,7 +53,8 @@ def markdown(summary: dict, split: str, config_path: str) -> str:
         f = s["final"]
         per_seed = ", ".join(f"{v:.1f}" for v in f["values"])
         lines.append(f"| {method} | {f['mean']:.1f} ± {f['std']:.1f} | {per_seed} | "
-                     + " | ".join(f"{s['per_iteration'].get(k, float('nan')):.1f}" for k in iters) + " |")
+                     + " | ".join(f"{s['per_iteration'][k]:.1f}" if k in s["per_iteration"] else "-" for k in iters)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +97,8 @@ def main(argv) -> int:
     summary = summarize(runs, split)
     write_json_atomic(root / "comparison.json", {"config": config_path, "split": split, "summary": summary})
     write_text_atomic(root / "comparison.md", markdown(summary, split, config_path))
-    reports.plot_accuracy(root / "accuracy.png", runs, split, f"{split} accuracy, mean over seeds {_SEEDS.value}")
+    reports.plot_accuracy(root / "accuracy.png", runs, split,
+                          f"{split} accuracy, mean over seeds {', '.join(_SEEDS.value)} (band: min-max)")
     print(markdown(summary, split, config_path))
     return 0
 

@@ -75,6 +75,7 @@ def plot_accuracy(path: epath.Path, runs: dict[str, list[dict]], split: str, tit
         ax.plot(iters, mean, marker="o", label=method)
         if len(series) > 1:
             ax.fill_between(iters, values.min(0), values.max(0), alpha=0.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # iterations are whole numbers
     ax.set_xlabel("iteration (0 = warm-up SFT)")
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_title(title)
