@@ -143,8 +143,9 @@ def test_dpo_step_matches_pytorch(family):
 
     assert abs(float(metrics["loss"]) - loss.item()) < 1e-5
     np.testing.assert_allclose(float(metrics["logps/chosen"]), pol_c.mean().item(), rtol=1e-5)
+    # policy == reference at this step: the margin is 0 up to fp32 rounding of summed log-probs (~1e-6)
     np.testing.assert_allclose(float(metrics["rewards/margins"]),
-                               (beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean().item(), rtol=1e-4, atol=1e-7)
+                               (beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean().item(), rtol=1e-4, atol=2e-6)
     changed = 0
     for name, new in after.items():
         d_jax = new - params_before[name]
