@@ -4,7 +4,7 @@ The whole loop (warm-up SFT, 3 iterations of sample -> pairs -> DPO -> sample ->
 runs in minutes on 2 CPU cores. The task and model were fixed on warm-up SFT alone, before any
 ST / DPO-ST result was looked at (README, "CPU default"): with operands written in either order
 (commute=0.2, so questions have several correct rationales) a 64-wide model at lr 1e-2 reached only
-10-13% held-out accuracy and at lr 3e-3 12-19%; 96 wide at lr 3e-3 reached 39-64% (seeds 1, 0).
+10-11% test accuracy and at lr 3e-3 12-19%; 96 wide at lr 3e-3 reached 39-64% (seeds 1, 0).
 The DPO learning rate was chosen on dev with seed 0 (2e-4 halved greedy accuracy; 5e-5 kept it).
 """
 

@@ -81,7 +81,7 @@ def parse_flags(argv):
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
         message = " ".join(str(err).replace("\\n", " ").replace("\\", "").split()).strip("'\"")
         if isinstance(err, (AttributeError, KeyError)):  # ConfigDict's "no such field" (with its suggestion)
-            field = re.match(r"[\w]+", message)
+            field = re.match(r"\w+", message)
             overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
             named = [o for o in overrides if field and o.split(".")[-1] == field.group(0)]
             suggestion = message[field.end():].strip(" '\"") if field else message

@@ -370,17 +370,12 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
 def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Sequence[tuple[int, str]],
                  batch_size: int = 32) -> np.ndarray:
     """Summed log-probs of the (pair row, "chosen" | "rejected") completions in `wanted`, in batches
-    of one fixed shape (one compiled program; the last batch is filled by repeating its last row)."""
+    of one fixed shape (one compiled program; the last batch is filled by repeating its last row).
+    Chosen and rejected share one padded width, as `_pair_arrays` makes them."""
     rows = np.array([i for i, _ in wanted])
-    width = max(arrays[side].shape[1] for side in ("chosen", "rejected"))
-
-    def completions(suffix):  # right-padded to one width (pad id / mask 0 beyond each row's length)
-        fill = 0 if suffix else bundle.pad_token_id
-        return np.stack([np.pad(arrays[side + suffix][i], (0, width - arrays[side].shape[1]), constant_values=fill)
-                         for i, side in wanted])
-
     columns = {"prompt": arrays["prompt"][rows], "prompt_mask": arrays["prompt_mask"][rows],
-               "completion": completions(""), "completion_mask": completions("_mask")}
+               "completion": np.stack([arrays[side][i] for i, side in wanted]),
+               "completion_mask": np.stack([arrays[side + "_mask"][i] for i, side in wanted])}
     bs = min(batch_size, len(wanted))
     out = []
     for start in range(0, len(wanted), bs):

@@ -215,9 +215,9 @@ def test_dpo_stage_scores_only_the_missing_reference_sides():
     from dpost import stages
 
     module, _, params, _ = llama()
-    batch = th.pair_batch(11, batch=5)
+    batch = th.pair_batch(11, batch=5, chosen_len=12, rejected_len=12)  # one width, as the stage pads them
     wanted = [(0, "chosen"), (3, "chosen"), (1, "rejected"), (4, "rejected"), (3, "rejected")]
-    bundle = types.SimpleNamespace(module=module, params=params, pad_token_id=0)
+    bundle = types.SimpleNamespace(module=module, params=params)
     got = stages._score_sides(bundle, batch, wanted, batch_size=2)  # 3 batches, the last one filled
     hf = th.hf_llama()
     for (i, side), score in zip(wanted, got):
