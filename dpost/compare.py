@@ -17,7 +17,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from dpost import reports
+from dpost import reports, startup
 from dpost.workdir import absolute, write_json_atomic, write_text_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -104,5 +104,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    startup.reexec_with_hugepage_malloc("dpost.compare")
     flags.mark_flag_as_required("config")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -21,6 +21,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from dpost import startup
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://); default runs/<config name>.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host without auto-detection).")
@@ -91,6 +93,7 @@ def parse_flags(argv):
 
 
 def run() -> None:
+    startup.reexec_with_hugepage_malloc("dpost.main")
     flags.mark_flag_as_required("config")
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 

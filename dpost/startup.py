@@ -1,0 +1,74 @@
+"""Process start-up for the command-line entry points: glibc malloc on transparent huge pages.
+
+XLA's CPU runtime mallocs each program's temporaries on every execution (128 MB per step of the
+arith_tiny SFT program). Blocks that size are above glibc's mmap threshold (32 MB at most), so
+every step maps fresh memory and first-touches it one 4 KiB page at a time: ~33k page faults per
+step, a third of the step's CPU time spent in the kernel. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(glibc >= 2.35) makes malloc ask for transparent huge pages (`madvise`), 512x fewer faults. The
+arithmetic is untouched, so results are bit-identical (BENCHMARKS.md, "Host memory").
+
+glibc reads GLIBC_TUNABLES only when a process starts, so `python -m dpost.main` and
+`python -m dpost.compare` re-execute themselves once with it set, before any JAX work. Set
+DPOST_HUGEPAGE_MALLOC=0 to keep the process as started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "DPOST_HUGEPAGE_MALLOC"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+MIN_GLIBC = (2, 35)  # first glibc with glibc.malloc.hugetlb
+
+
+def glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the running glibc, None elsewhere (musl, macOS, Windows)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def huge_pages_available(mode_file: str = THP_MODE_FILE) -> bool:
+    """Whether the kernel grants transparent huge pages on request ('always' or 'madvise')."""
+    try:
+        with open(mode_file) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def tuned_environment(environ: Mapping[str, str], glibc: tuple[int, int] | None, thp: bool) -> dict[str, str] | None:
+    """The environment to re-execute with, or None when there is nothing to change."""
+    if environ.get(OPT_OUT, "1") == "0" or glibc is None or glibc < MIN_GLIBC or not thp:
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in current:  # already set (by us before the exec, or by the user): never loops
+        return None
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+    return env
+
+
+def started_as_module(orig_argv: list[str], module: str) -> bool:
+    """Whether the command line was `python [options] -m <module> ...` (so re-executing it reruns us,
+    not, say, a test runner that imported the module)."""
+    return any(a == "-m" and b == module for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{module}" in orig_argv
+
+
+def reexec_with_hugepage_malloc(module: str) -> None:
+    """Re-executes `python ... -m <module> ...` (same interpreter and command line) with the
+    tunable set. Returns without doing anything where it does not apply; call it before any JAX work.
+    """
+    argv = list(getattr(sys, "orig_argv", []))  # the command line as typed, interpreter options included
+    env = tuned_environment(os.environ, glibc_version(), huge_pages_available())
+    if env is None or not started_as_module(argv, module):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
