@@ -361,4 +361,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from dpost import startup
+
+    # Same allocator as `python -m dpost.main` (dpost/startup.py); subprocesses (the peer) inherit it.
+    startup.reexec_with_hugepage_malloc(__file__)
+    print(f"# GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     sys.exit(main())

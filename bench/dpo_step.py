@@ -32,6 +32,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dpost_bench")
 PAIRS_PER_STEP = 4
@@ -307,4 +308,9 @@ def main():
 
 
 if __name__ == "__main__":
+    from dpost import startup
+
+    # Same allocator as `python -m dpost.main` (dpost/startup.py); subprocesses (the peer) inherit it.
+    startup.reexec_with_hugepage_malloc(__file__)
+    print(f"# GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     main()

@@ -55,19 +55,23 @@ def tuned_environment(environ: Mapping[str, str], glibc: tuple[int, int] | None,
     return env
 
 
-def started_as_module(orig_argv: list[str], module: str) -> bool:
-    """Whether the command line was `python [options] -m <module> ...` (so re-executing it reruns us,
-    not, say, a test runner that imported the module)."""
-    return any(a == "-m" and b == module for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{module}" in orig_argv
+def started_as(orig_argv: list[str], entry: str) -> bool:
+    """Whether the command line runs `entry`: `python [options] -m <entry> ...` for a module name,
+    `python [options] <entry> ...` for a script path (so re-executing it reruns us, not, say, a
+    test runner that imported the module)."""
+    if entry.endswith(".py"):
+        return any(os.path.abspath(a) == os.path.abspath(entry) for a in orig_argv[1:])
+    return any(a == "-m" and b == entry for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{entry}" in orig_argv
 
 
-def reexec_with_hugepage_malloc(module: str) -> None:
-    """Re-executes `python ... -m <module> ...` (same interpreter and command line) with the
-    tunable set. Returns without doing anything where it does not apply; call it before any JAX work.
+def reexec_with_hugepage_malloc(entry: str) -> None:
+    """Re-executes the process (same interpreter and command line) with the tunable set, when it was
+    started as `entry` (a module name such as "dpost.main", or a script's `__file__`). Returns
+    without doing anything where it does not apply; call it before any JAX work.
     """
     argv = list(getattr(sys, "orig_argv", []))  # the command line as typed, interpreter options included
     env = tuned_environment(os.environ, glibc_version(), huge_pages_available())
-    if env is None or not started_as_module(argv, module):
+    if env is None or not started_as(argv, entry):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,10 +34,13 @@ def test_tuned_environment(environ, glibc, thp, expected):
             k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
 
 
-def test_started_as_module():
-    assert startup.started_as_module(["python", "-u", "-m", "dpost.main", "--config", "x"], "dpost.main")
-    assert not startup.started_as_module(["python", "-m", "pytest", "tests"], "dpost.main")
-    assert not startup.started_as_module(["python", "-m", "dpost.compare"], "dpost.main")
+def test_started_as():
+    assert startup.started_as(["python", "-u", "-m", "dpost.main", "--config", "x"], "dpost.main")
+    assert not startup.started_as(["python", "-m", "pytest", "tests"], "dpost.main")
+    assert not startup.started_as(["python", "-m", "dpost.compare"], "dpost.main")
+    script = os.path.join("bench", "sampler.py")
+    assert startup.started_as(["python", "-X", "dev", script, "--batch", "16"], os.path.abspath(script))
+    assert not startup.started_as(["python", "-m", "pytest", "tests"], os.path.abspath(script))
 
 
 def test_huge_pages_available_reads_the_kernel_mode(tmp_path):
