@@ -631,7 +631,7 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
         ))
 
     # -- sampling ---------------------------------------------------------------------------------
-    # The sampler pads prompts to its half-octave bucket (>= 16 tokens); sampling.<stage>.batch_size counts
+    # The sampler pads prompts to its quarter-octave bucket (>= 16 tokens); sampling.<stage>.batch_size counts
     # sequences, i.e. batch_size // num_samples prompts per call (dpost.stages.prompts_per_batch).
     from dpost.models.scoring import prompt_bucket
 

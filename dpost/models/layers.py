@@ -79,3 +79,16 @@ def layer_params(layers_params, i: int):
     if isinstance(layers_params, (tuple, list)):
         return layers_params[i]
     return jax.tree.map(lambda a: a[i], layers_params)
+
+
+def cast_matrices(tree, dtype, keep: Sequence[str] = ()):
+    """Every parameter of two or more dimensions cast to the compute `dtype`, except those whose
+    name is in `keep`. For the sampler's decode copy of the params: each matmul casts its weight to
+    the compute dtype anyway, so casting once beforehand gives the same numbers while every decode
+    step reads half the bytes in bf16. Vectors (norm scales) stay fp32, as they are used in fp32."""
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", None) if path else None
+        return x.astype(dtype) if x.ndim >= 2 and name not in keep else x
+
+    return jax.tree_util.tree_map_with_path(cast, tree)

@@ -38,11 +38,16 @@ def bucket_length(n: int, minimum: int = 8) -> int:
 
 
 def prompt_bucket(n: int, minimum: int = 16) -> int:
-    """The sampler's prompt-length bucket: the smallest of 2^k and 1.5 * 2^k that is >= n (>= minimum).
-    Half-octave steps pad at most 50% (not 100%): prefill cost and the KV cache scale with it."""
+    """The sampler's prompt-length bucket: the smallest of 2^k * (1, 1.25, 1.5, 1.75) that is >= n
+    (>= minimum). Quarter-octave steps pad at most 25%: prefill compute and the KV cache that every
+    decode step reads scale with the bucket, and a run still compiles only a few prompt shapes."""
     n = max(int(n), minimum)
-    power = 1 << max(0, n - 1).bit_length()
-    return power * 3 // 4 if power * 3 // 4 >= n and power >= 4 else power
+    power = 1 << max(0, n - 1).bit_length()  # 2^k >= n
+    for quarters in (5, 6, 7):  # 1.25, 1.5, 1.75 of the octave below
+        size = power // 8 * quarters
+        if power >= 8 and size >= n:
+            return size
+    return power
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool, length: int | None = None):

@@ -18,10 +18,11 @@ EOS and without special tokens.
 Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batch size,
 companions in the batch or device count. Calculator-forced tokens count toward ``max_new_tokens``.
 
-Batching: prompts run in chunks of ``batch_size`` prompts (default: up to 64 rows of
-``num_samples`` each, times the mesh's batch shards); the batch is padded to a power of two (a
-multiple of the batch shards) and the prompt length to a power of two or 1.5x a power of two (>= 16) or to the smallest
-of ``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
+Batching: prompts are sorted by length and run in chunks of ``batch_size`` prompts (default: up
+to 64 rows of ``num_samples`` each, times the mesh's batch shards); results come back in the
+order of ``prompts``. The batch is padded to a power of two (a multiple of the batch shards) and
+the prompt length to 2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of
+``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
 bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 """
 
@@ -109,10 +110,13 @@ def decode_layout(module, params):
     """The params in the layout the module's `decode_step` reads fastest (its `decode_layout`
     hook, made once per call outside the decode loop), or the params themselves."""
     layout = getattr(type(module), "decode_layout", None)
-    return params if layout is None else _jitted_layout(layout)(params)
+    return params if layout is None else _jitted_layout(layout)(params, module.config.compute_dtype)
 
 
-_jitted_layout = functools.lru_cache(maxsize=None)(jax.jit)  # one jit object (and cache) per layout
+@functools.lru_cache(maxsize=None)
+def _jitted_layout(layout):
+    """One jit object (and compile cache) per family's layout; the compute dtype is static."""
+    return jax.jit(layout, static_argnums=1)
 
 
 def _put(x, mesh, batch: bool):
@@ -188,19 +192,26 @@ def generate(
         batch_size = max(1, DEFAULT_MAX_ROWS // num_samples) * shards
     batch_size = max(1, int(batch_size))
     bar = Progress(len(rows), progress)
-    results: list[list[Sample]] = []
+    # Chunks of similar prompt lengths pad less (prefill and every decode step's cache read scale
+    # with the chunk's longest prompt). Rows keep their index in `prompts`, which is all their
+    # randomness depends on, so the order of the chunks changes no sample.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    results: list[list[Sample] | None] = [None] * len(rows)
     try:
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            results.extend(_run_chunk(bundle, params, opts, chunk, start, batch_size, shards, length_buckets,
-                                      (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start),
-                                      bar))
+            indices = order[start : start + batch_size]
+            chunk_samples = _run_chunk(
+                bundle, params, opts, [rows[i] for i in indices], indices, batch_size, shards, length_buckets,
+                (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start), bar)
+            for i, samples in zip(indices, chunk_samples):
+                results[i] = samples
     finally:
         bar.close()
     return results
 
 
-def _run_chunk(bundle, params, opts: StaticOptions, chunk, start, batch_size, shards, length_buckets, traced, bar):
+def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, shards, length_buckets, traced, bar):
+    """Samples one chunk of prompts (`indices`: their positions in the `generate` call)."""
     temperature, top_p, seed, next_table, event_table, calc_start = traced
     n = opts.num_samples
     mesh = opts.mesh
@@ -209,7 +220,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, start, batch_size, sh
     padded = chunk + [chunk[0]] * (b - len(chunk))
     prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=p)
     valid = np.arange(b) < len(chunk)
-    prompt_index = np.repeat(np.where(valid, start + np.arange(b), 0), n).astype(np.int32)
+    prompt_index = np.repeat(np.where(valid, np.pad(np.asarray(indices), (0, b - len(chunk))), 0), n).astype(np.int32)
     sample_index = np.tile(np.arange(n, dtype=np.int32), b)
     row_valid = np.repeat(valid, n)
     rows = b * n

@@ -125,6 +125,15 @@ def test_seeds_num_samples_and_batch_composition(tiny, prompts, sampled_out):
             assert [ids(out, i) for i in range(3)] == [ids(first, i) for i in range(3)]
 
 
+def test_chunks_sorted_by_length_results_in_input_order(tiny, prompts, greedy_out):
+    """Prompts run in length-sorted chunks; each result still lands at its prompt's position."""
+    bundle = tiny[1]
+    order = sorted(range(len(prompts[0])), key=lambda i: -len(prompts[0][i]))  # longest first
+    assert order != list(range(len(order)))
+    out = sampling.generate(bundle, [prompts[0][i] for i in order], batch_size=2, **GREEDY)
+    assert [s.token_ids for (s,) in out] == [greedy_out[i][0].token_ids for i in order]
+
+
 def test_top_k_and_top_p_end_to_end(tiny, prompts, greedy_out):
     bundle = tiny[1]
     # top_k = 1 (and any nucleus) at any temperature is greedy

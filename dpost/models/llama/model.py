@@ -259,13 +259,16 @@ class Llama(nn.Module):
         b, p = prompt.shape
         valid = prompt_mask.astype(bool)
         positions = layers.positions_from_mask(valid)
-        cache = self.init_cache(b, p + max_new_tokens)
-        kv_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
-        mask = jnp.tril(jnp.ones((p, p + max_new_tokens), bool))[None] & kv_valid[:, None, :]
-        hidden, cache = self.hidden_states(prompt, positions, mask, cache, 0)
+        # Prompt positions attend over the prompt only (not the empty decode slots), so prefill's
+        # attention cost does not grow with max_new_tokens.
+        cache = self.init_cache(b, p)
+        hidden, cache = self.hidden_states(prompt, positions, layers.causal_padding_mask(valid), cache, 0)
         logits = self.logits(hidden[:, -1:])[:, 0]
-        # Decoding keeps one cache buffer per layer [B*n, KV, S, D], updated in place.
-        per_layer = tuple({"k": cache["k"][i], "v": cache["v"][i]} for i in range(self.config.num_layers))
+        kv_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
+        # Decoding keeps one cache buffer per layer [B*n, KV, p + max_new_tokens, D], updated in place.
+        slots = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))
+        per_layer = tuple({"k": jnp.pad(cache["k"][i], slots), "v": jnp.pad(cache["v"][i], slots)}
+                          for i in range(self.config.num_layers))
         state = {
             "cache": layers.repeat_batch(per_layer, num_samples),
             "kv_valid": kv_valid,
@@ -303,10 +306,11 @@ class Llama(nn.Module):
         return self.logits(hidden)[:, 0], new_state
 
     @staticmethod
-    def decode_layout(params):
+    def decode_layout(params, compute_dtype):
         """Params as `decode_step` reads them fastest: the stacked layer params split into one
-        buffer per layer (one copy, made once per sampling call, outside the decode loop)."""
-        return {**params, "layers": layers.split_layers(params["layers"])}
+        buffer per layer and the matrices in the compute dtype (one copy, made once per sampling
+        call, outside the decode loop)."""
+        return layers.cast_matrices({**params, "layers": layers.split_layers(params["layers"])}, compute_dtype)
 
 
 def make_module(config: LlamaConfig) -> Llama:

@@ -442,11 +442,12 @@ class T5(nn.Module):
         return self.logits(hidden)[:, 0], new_state
 
     @staticmethod
-    def decode_layout(params):
-        """The decoder's stacked layer params split into one buffer per layer (made once per
-        sampling call, outside the decode loop); see `Decoder._unrolled`."""
+    def decode_layout(params, compute_dtype):
+        """The decoder's stacked layer params split into one buffer per layer and the matrices in
+        the compute dtype (made once per sampling call, outside the decode loop); see
+        `Decoder._unrolled`. The relative-position tables stay fp32: the bias is added in fp32."""
         decoder = {**params["decoder"], "layers": layers.split_layers(params["decoder"]["layers"])}
-        return {**params, "decoder": decoder}
+        return layers.cast_matrices({**params, "decoder": decoder}, compute_dtype, keep=("relpos",))
 
 
 def make_module(config: T5Config) -> T5:
