@@ -25,9 +25,9 @@ attention 4 x heads x head_dim x keys per layer, the vocabulary head only on tar
 (see `train_flops`). Peak FLOP/s and HBM bandwidth come from --peak_tflops / --hbm_tbps or from
 `PEAKS` by device kind (H100 SXM 989 TFLOP/s dense bf16 and 3.35 TB/s, H200 989 and 4.8, A100
 312 and 2.0, TPU v4 275 and 1.2, v5e 197 and 0.82, ...). The sampler's bandwidth bound assumes
-every decode step reads all parameters as stored (fp32 masters: 4 bytes each, as the sampler
-does today) plus the KV cache up to the current position; "bound" = rows x new tokens / (steps x
-bytes per step / bandwidth).
+every decode step reads all parameters in the compute dtype (the sampler's decode copy of the
+params, `sampling.decode_layout`) plus the KV cache up to the current position; "bound" = rows x
+new tokens / (steps x bytes per step / bandwidth).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def bench_sampler(name, family, cfg, bundle, prompts_per_device, shapes: Shapes,
     bound = None
     if hbm:
         a = 2 if cfg.dtype == "bfloat16" else 4
-        param_bytes = _count(bundle.params) * 4 / n_dev  # fp32 masters read every step (per device)
+        param_bytes = _count(bundle.params) * a / n_dev  # the decode copy, in the compute dtype (per device)
         if family == "llama":
             per_pos = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * a
             avg_keys = shapes.sample_prompt + shapes.sample_new / 2
