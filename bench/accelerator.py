@@ -3,6 +3,7 @@
     python bench/accelerator.py                      # ~1.1B Llama shape + Flan-T5-Large shape, bf16
     python bench/accelerator.py --tiny               # smoke test on CPU (tiny shapes, < 1 minute)
     python bench/accelerator.py --peak_tflops 989 --hbm_tbps 3.35 --mesh data=1,fsdp=8
+    python bench/accelerator.py --models llama-1b --stages sft --profile /tmp/prof   # + a trace per row
 
 Models (random weights, fp32 masters, compute in --dtype):
   llama-1b       Llama-shaped, TinyLlama-1.1B dimensions (d 2048, MLP 5632, 22 layers, 32 heads,
@@ -222,6 +223,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
 
     jax.block_until_ready(one())  # compile + first step
     seconds = _timed(one, args.steps)
+    _profile(args, name, stage, one)
     tokens = sequences * (shapes.prompt + shapes.target)
     achieved = flops / seconds
     mfu = achieved / (peak * 1e12 * n_dev) if peak else None
@@ -243,6 +245,7 @@ def bench_sampler(name, family, cfg, bundle, prompts_per_device, shapes: Shapes,
     t0 = time.perf_counter()
     out = one()
     seconds = time.perf_counter() - t0
+    _profile(args, name, "sample", one)
     generated = sum(len(s.token_ids) for group in out for s in group)
     bound = None
     if hbm:
@@ -259,6 +262,15 @@ def bench_sampler(name, family, cfg, bundle, prompts_per_device, shapes: Shapes,
         bound = rows / step_time
     shape = f"{prompts_per_device} x {shapes.sample_prompt}+{shapes.sample_new}"
     return Row(name, _count(bundle.params), "sample", shape, seconds, generated / seconds, bound_tokens_per_s=bound)
+
+
+def _profile(args, name: str, stage: str, one) -> None:
+    """With --profile DIR: one more step under `jax.profiler.trace` (DIR/<model>-<stage>/...xplane.pb)."""
+    if not args.profile:
+        return
+    folder = os.path.join(args.profile, f"{name}-{stage}".replace(" ", "_").replace("(", "").replace(")", ""))
+    with jax.profiler.trace(folder):
+        jax.block_until_ready(one())
 
 
 def _count(params) -> int:
@@ -313,6 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8 (default: one device, no mesh)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
+    ap.add_argument("--profile", default=None, help="folder for a jax.profiler trace of one more step per row")
     args = ap.parse_args(argv)
     tiny = args.tiny
     dtype = args.dtype or ("float32" if tiny else "bfloat16")
