@@ -92,3 +92,16 @@ def cast_matrices(tree, dtype, keep: Sequence[str] = ()):
         return x.astype(dtype) if x.ndim >= 2 and name not in keep else x
 
     return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def compute_params(module, params):
+    """The params a training forward pass multiplies with: matrices cast once to the module's
+    compute dtype (the values each matmul's own cast gives), with gradients flowing back to the
+    fp32 masters through the cast. Casting the tree up front, rather than inside the layer scan,
+    lets the scan slice half-size weights. Kept fp32: the module's FP32_PARAMS and the token
+    embedding, whose gradient sums many gathered rows (and the tied head's) and must add in fp32.
+    A no-op in fp32."""
+    dtype = module.config.compute_dtype
+    if dtype == jnp.float32:
+        return params
+    return cast_matrices(params, dtype, keep=("embed",) + tuple(getattr(module, "FP32_PARAMS", ())))

@@ -115,6 +115,7 @@ def _valid(batch, n: int) -> jax.Array:
 
 def sft_token_logprobs(module, params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(token log-probs, loss mask), both [B, L], for a padded or a packed SFT batch."""
+    params = layers.compute_params(module, params)
     if "segment_ids" in batch:
         return packed_token_logprobs(module, params, batch, chunk), batch["loss_mask"].astype(jnp.float32)
     mask = batch["completion_mask"].astype(jnp.float32) * _valid(batch, batch["completion"].shape[0])[:, None]
@@ -187,6 +188,7 @@ def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None
 
     shared_prefix (default: for decoder-only models) runs the prompt once per pair; otherwise the
     pairs are laid out as a doubled batch through the family's `completion_logits`."""
+    params = layers.compute_params(module, params)
     if shared_prefix is None:
         shared_prefix = is_decoder_only(module)
     if shared_prefix:

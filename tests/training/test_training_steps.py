@@ -280,6 +280,45 @@ def test_remat_and_bf16_compute():
                                rtol=2e-2)
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_bf16_params_cast_up_front_as_accurate_as_per_matmul_casts(family, monkeypatch):
+    """Training casts the matrices to the compute dtype once per forward (`layers.compute_params`):
+    against the fp32 loss and gradients, that is as accurate as casting inside each matmul (the
+    same bf16 operands; XLA's CPU backend may fold the casts of either form differently, so the two
+    are compared with fp32, not bit for bit), and the gradients stay fp32."""
+    from dpost.models import layers
+    from dpost.training import steps
+
+    if family == "t5":
+        require_t5()
+    m, _ = th.family_modules(family)
+    _, cfg, params, _ = th.import_hf(family, hf_model(family))
+    batch = th.sft_batch(21, batch=4, vocab=vocab_of(hf_model(family)))
+    module16 = m.make_module(cfg.replace(dtype="bfloat16"))
+
+    for path, x in jax.tree_util.tree_leaves_with_path(layers.compute_params(module16, params)):
+        name = path[-1].key
+        fp32 = x.ndim < 2 or name in ("embed", "relpos")
+        assert x.dtype == (jnp.float32 if fp32 else jnp.bfloat16), (name, x.dtype)
+
+    def value_and_grad(module):
+        def loss(p):
+            logps, mask = steps.sft_token_logprobs(module, p, batch)
+            return -(logps * mask).sum()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    exact = value_and_grad(m.make_module(cfg))
+    up_front = value_and_grad(module16)
+    monkeypatch.setattr(layers, "compute_params", lambda module, p: p)
+    per_matmul = value_and_grad(module16)
+
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731
+    grad_err = lambda g: np.linalg.norm(flat(g) - flat(exact[1])) / np.linalg.norm(flat(exact[1]))  # noqa: E731
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(up_front[1]))
+    assert 0 < grad_err(up_front[1]) <= 1.25 * grad_err(per_matmul[1]) + 1e-3 < 0.05
+    np.testing.assert_allclose(float(up_front[0]), float(exact[0]), rtol=2e-3)
+
+
 def test_one_compiled_program_per_stage():
     module, cfg, params, _ = llama()
     ocfg = training.OptimizerConfig(learning_rate=1e-3, total_steps=4, weight_decay=0.01, warmup_ratio=0.25)

@@ -340,6 +340,8 @@ class Decoder(nn.Module):
 class T5(nn.Module):
     config: T5Config
 
+    FP32_PARAMS = ("relpos",)  # relative-position bias tables: the bias is added to fp32 scores
+
     def setup(self):
         cfg = self.config
         self.embed = param_with_axes(
@@ -447,7 +449,7 @@ class T5(nn.Module):
         the compute dtype (made once per sampling call, outside the decode loop); see
         `Decoder._unrolled`. The relative-position tables stay fp32: the bias is added in fp32."""
         decoder = {**params["decoder"], "layers": layers.split_layers(params["decoder"]["layers"])}
-        return layers.cast_matrices({**params, "decoder": decoder}, compute_dtype, keep=("relpos",))
+        return layers.cast_matrices({**params, "decoder": decoder}, compute_dtype, keep=T5.FP32_PARAMS)
 
 
 def make_module(config: T5Config) -> T5:
