@@ -31,9 +31,11 @@ Terms:
   grads         fp32, sharded like the params; x2 when grad_accum > 1 (accumulator + micro-batch).
   adam          AdamW first and second moments: 2 x params.
   ref params    DPO with `dpo.reference=in_step` keeps the reference model's fp32 params.
-  weight copies compute-dtype (or fsdp-all-gathered) copies of the weights that the matmuls read;
-                zero for fp32 without fsdp. Without remat the backward pass keeps every layer's
-                copy (L layers + head); with remat, or when sampling, two layers + the head.
+  weight copies training: in bf16 the per-step cast of this device's shards (params x a/4);
+                sampling: the decode copy of the params (split per layer, in the compute dtype:
+                params x a/4, in fp32 too). Plus, under fsdp, the all-gathered layer weights: every
+                layer's (L layers + head) kept for the backward pass without remat; two layers +
+                the head with remat or when sampling.
   activations   training, per layer kept for the backward pass (residuals R):
                   decoder-only layer:  R = N*a*(5d + 3*H*Dh + 2*K*Dh + 6F) + b*H*T*T*(4 + a)
                   T5 encoder layer:    R = N*a*(5d + 5*H*Dh + 8F) + b*H*P*P*(4 + a)
@@ -577,11 +579,17 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
     )
     p, c = int(config.data.max_prompt_len), int(config.data.max_target_len)
     remat = bool(spec.config.remat)
-    # Compute-dtype / all-gathered weight copies (none for fp32 params used in place).
-    gathered = sizes["fsdp"] > 1 or a != 4
+    # Weight copies. Training in bf16 casts this device's shards once per step (layers.compute_params:
+    # a bf16 copy of the same size ratio); the sampler decodes from its own copy of the params, split
+    # per layer and in the compute dtype (sampling.decode_layout), in fp32 too. Under fsdp each
+    # layer's weights are also all-gathered as the layers run (two layers at a time with remat or in
+    # the decode loop, all of them kept for the backward pass without remat).
     two_layers = 2 * max(info.layer_gathered.values(), default=0)
-    copies_train = ((two_layers if remat else info.layers_gathered) + info.rest_gathered) * a // 4 if gathered else 0
-    copies_infer = (two_layers + info.rest_gathered) * a // 4 if gathered else 0
+    fsdp = sizes["fsdp"] > 1
+    cast_copy = info.per_device * a // 4 if a != 4 else 0
+    copies_train = cast_copy + (((two_layers if remat else info.layers_gathered) + info.rest_gathered) * a // 4
+                                if fsdp else 0)
+    copies_infer = info.per_device * a // 4 + ((two_layers + info.rest_gathered) * a // 4 if fsdp else 0)
     used = _method_stages(config)
     warnings = []
     rows: list[StageRow] = []

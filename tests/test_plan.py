@@ -175,6 +175,27 @@ def test_kv_cache_equals_the_samplers_state():
     assert tiny_plan().stage("sample pairs").terms["kv cache"] == cache
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampler_weight_copies_cover_the_decode_copy(dtype):
+    """The sampler decodes from its own copy of the params (split per layer, matrices in the compute
+    dtype): the plan's "weight copies" must cover the bytes that copy adds, without doubling them."""
+    from dpost import sampling
+    from dpost.models import sources
+
+    config = load_config("arith_tiny", **{"model.dtype": dtype})
+    spec, family = _tiny_model(config)
+    module = family.make_module(spec.config)
+    params = nn.unbox(sources.abstract_params(family, spec.config))
+    decoded = jax.eval_shape(lambda p: sampling.decode_layout(module, p), params)
+    added = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(decoded):
+        new_buffer = path[0].key == "layers" or leaf.dtype != jnp.float32  # split layers, cast matrices
+        added += leaf.size * leaf.dtype.itemsize if new_buffer else 0
+    estimate = plan_lib.plan(config, {"data": 1}, 8 * GiB).stage("sample pairs").terms["weight copies"]
+    # The estimate counts every parameter at the compute dtype; norm scales stay fp32 (< 1% here).
+    assert 0.99 * added <= estimate <= 2 * added, (added, estimate)
+
+
 def test_prompts_per_sampler_call_follow_the_driver():
     stages = pytest.importorskip("dpost.stages")
     config = load_config("arith_tiny")
