@@ -4,6 +4,7 @@
     python bench/accelerator.py --tiny               # smoke test on CPU (tiny shapes, < 1 minute)
     python bench/accelerator.py --peak_tflops 989 --hbm_tbps 3.35 --mesh data=1,fsdp=8
     python bench/accelerator.py --models llama-1b --stages sft --profile /tmp/prof   # + a trace per row
+    python bench/accelerator.py --models llama-1b --stages sft,dpo --batch 16 --remat  # without remat: OOM on 80 GB
 
 Models (random weights, fp32 masters, compute in --dtype):
   llama-1b       Llama-shaped, TinyLlama-1.1B dimensions (d 2048, MLP 5632, 22 layers, 32 heads,
@@ -325,6 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8 (default: one device, no mesh)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
+    ap.add_argument("--remat", action="store_true", help="rematerialise each layer in the train steps (larger --batch)")
     ap.add_argument("--profile", default=None, help="folder for a jax.profiler trace of one more step per row")
     args = ap.parse_args(argv)
     tiny = args.tiny
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
         if name not in builders:
             ap.error(f"unknown model {name!r}; expected one of {sorted(builders)}")
         family, make = builders[name]
-        cfg = make(dtype)
+        cfg = dataclasses.replace(make(dtype), remat=args.remat)
         label = name + (" (tiny)" if tiny else "")
         bundle = models.init_random(family, cfg, seed=0, mesh=mesh)
         holder: dict = {}
