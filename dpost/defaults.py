@@ -39,6 +39,9 @@ def sampling_fields(**overrides) -> ml_collections.ConfigDict:
             batch_size=64,  # sequences (prompts x num_samples) per sampler batch
             calculator=True,
             shard_questions=256,  # questions per resumable sampling shard (one file each)
+            # prompt-length buckets, e.g. (128, 256): fewer compiled programs, more padding;
+            # () = the sampler's quarter-octave buckets (2^k x 1, 1.25, 1.5, 1.75)
+            length_buckets=(),
         )
     )
     cfg.update(overrides)

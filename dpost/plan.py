@@ -639,13 +639,14 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
         ))
 
     # -- sampling ---------------------------------------------------------------------------------
-    # The sampler pads prompts to its quarter-octave bucket (>= 16 tokens); sampling.<stage>.batch_size counts
-    # sequences, i.e. batch_size // num_samples prompts per call (dpost.stages.prompts_per_batch).
-    from dpost.models.scoring import prompt_bucket
+    # The sampler pads prompts to its bucket (sampling.<stage>.length_buckets, else quarter-octaves);
+    # sampling.<stage>.batch_size counts sequences, i.e. batch_size // num_samples prompts per call
+    # (dpost.stages.prompts_per_batch).
+    from dpost.sampling import prompt_length_bucket
 
-    p_s = prompt_bucket(p, 16)
     for name in ("pairs", "labels", "eval"):
         sc = config.sampling[name]
+        p_s = prompt_length_bucket(p, tuple(sc.get("length_buckets", ())) or None)
         n, m = int(sc.num_samples), int(sc.max_new_tokens)
         prompts = _ceil_div(max(1, int(sc.batch_size) // n), batch_shards)
         rows_dev = prompts * n

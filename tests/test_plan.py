@@ -196,6 +196,15 @@ def test_sampler_weight_copies_cover_the_decode_copy(dtype):
     assert 0.99 * added <= estimate <= 2 * added, (added, estimate)
 
 
+def test_sampling_rows_use_the_configured_length_buckets():
+    config = load_config("arith_tiny")
+    p = int(config.data.max_prompt_len)
+    assert tiny_plan().stage("sample pairs").batch.endswith(f"x {prompt_bucket(p)}+{config.sampling.pairs.max_new_tokens} tok")
+    custom = tiny_plan(**{"sampling.pairs.length_buckets": (p + 100,)})
+    assert custom.stage("sample pairs").batch.endswith(f"x {p + 100}+{config.sampling.pairs.max_new_tokens} tok")
+    assert custom.stage("sample labels").batch == tiny_plan().stage("sample labels").batch
+
+
 def test_prompts_per_sampler_call_follow_the_driver():
     stages = pytest.importorskip("dpost.stages")
     config = load_config("arith_tiny")

@@ -45,7 +45,7 @@ from dpost.sampling import forcing
 from dpost.sampling.progress import Progress
 from dpost.sampling.sampler import StaticOptions, compiled_program_count, programs
 
-__all__ = ["generate", "Sample", "compiled_program_count"]
+__all__ = ["generate", "Sample", "compiled_program_count", "prompt_length_bucket"]
 
 DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) per chunk per batch shard
 MIN_PROMPT_BUCKET = 16
@@ -78,7 +78,9 @@ def _tokenize(bundle: ModelBundle, prompts) -> list[list[int]]:
     return rows
 
 
-def _prompt_bucket(length: int, buckets: Sequence[int] | None) -> int:
+def prompt_length_bucket(length: int, buckets: Sequence[int] | None = None) -> int:
+    """The padded prompt length `generate` uses for a chunk whose longest prompt has `length` tokens:
+    the smallest of `buckets` that fits, else the quarter-octave bucket (>= MIN_PROMPT_BUCKET)."""
     if buckets:
         fitting = [int(b) for b in buckets if int(b) >= length]
         if fitting:
@@ -216,7 +218,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
     n = opts.num_samples
     mesh = opts.mesh
     b = _batch_bucket(len(chunk), batch_size, shards)
-    p = _prompt_bucket(max(len(r) for r in chunk), length_buckets)
+    p = prompt_length_bucket(max(len(r) for r in chunk), length_buckets)
     padded = chunk + [chunk[0]] * (b - len(chunk))
     prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=p)
     valid = np.arange(b) < len(chunk)
