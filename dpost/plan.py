@@ -646,7 +646,7 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
 
     for name in ("pairs", "labels", "eval"):
         sc = config.sampling[name]
-        p_s = prompt_length_bucket(p, tuple(sc.get("length_buckets", ())) or None)
+        p_s = prompt_length_bucket(p, sc.length_buckets or None)  # as dpost.stages passes it
         n, m = int(sc.num_samples), int(sc.max_new_tokens)
         prompts = _ceil_div(max(1, int(sc.batch_size) // n), batch_shards)
         rows_dev = prompts * n

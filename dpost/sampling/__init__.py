@@ -222,7 +222,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
     padded = chunk + [chunk[0]] * (b - len(chunk))
     prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=p)
     valid = np.arange(b) < len(chunk)
-    prompt_index = np.repeat(np.where(valid, np.pad(np.asarray(indices), (0, b - len(chunk))), 0), n).astype(np.int32)
+    prompt_index = np.repeat(np.pad(np.asarray(indices, np.int32), (0, b - len(chunk))), n)  # filler rows: 0
     sample_index = np.tile(np.arange(n, dtype=np.int32), b)
     row_valid = np.repeat(valid, n)
     rows = b * n
