@@ -50,7 +50,7 @@ def main() -> None:
              "chosen_mask": ids(COMPLETION), "rejected": ids(COMPLETION), "rejected_mask": ids(COMPLETION),
              "ref_chosen_logps": jax.ShapeDtypeStruct((PAIRS,), jnp.float32),
              "ref_rejected_logps": jax.ShapeDtypeStruct((PAIRS,), jnp.float32)}
-    analysis = step.lower(state, batch).compile().memory_analysis()
+    analysis = step.lower(state, batch).compile(compiler_options=step.compiler_options).memory_analysis()
     gb = lambda n: f"{n / 1e9:.3f}"  # noqa: E731
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     print(f"layers {args.layers}, optimizer {args.optimizer}, logits_chunk {args.logits_chunk}: "

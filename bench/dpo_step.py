@@ -253,7 +253,7 @@ def run_dpost(folder: str, steps: int, precompute: bool, remat: bool, chunk: int
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     extra.update(warmup_s=times[0], tokens_per_sequence=tokens, shape=list(shape), remat=remat, logits_chunk=chunk,
-                 loss=float(metrics["loss"]), compiles=step.jitted._cache_size())
+                 loss=float(metrics["loss"]), compiles=len(step.programs))
     report("dpost_pre" if precompute else "dpost_in", times[1:], cpu[1:], extra)
 
 

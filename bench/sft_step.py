@@ -117,7 +117,7 @@ def main():
     print(f"{dt:8.2f} {positions / dt:8.0f} {targets / dt:13.0f} {flops / 1e9:12.0f} {flops / dt / 1e9:8.1f} "
           f"{rate / 1e9:15.1f} {flops / dt / rate:6.1%}")
     print(f"(matmul rate before/after the steps: {peak / 1e9:.1f} / {peak_after / 1e9:.1f} GFLOP/s; "
-          f"loss {float(metrics['loss']):.4f}; compiled programs {step.jitted._cache_size()})")
+          f"loss {float(metrics['loss']):.4f}; compiled programs {len(step.programs)})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Process start-up for the command-line entry points: glibc malloc on transparent huge pages.
+"""Host memory under glibc: malloc on transparent huge pages at start-up, and giving the heap that
+compiling a program leaves behind back to the kernel.
 
 XLA's CPU runtime mallocs each program's temporaries on every execution (128 MB per step of the
 arith_tiny SFT program). Blocks that size are above glibc's mmap threshold (32 MB at most), so
@@ -10,10 +11,17 @@ over 60 steps. The arithmetic is untouched, so results are bit-identical (BENCHM
 glibc reads GLIBC_TUNABLES only when a process starts, so `python -m dpost.main`,
 `python -m dpost.compare` and the bench/ scripts re-execute themselves once with it set, before any
 JAX work. Set DPOST_HUGEPAGE_MALLOC=0 to keep the process as started.
+
+Compiling a train step mallocs ~0.2 GB of small compiler objects; glibc keeps the freed heap mapped,
+and the step's own buffers then come from fresh mappings on top of it, so the step's peak resident
+memory carries the compiler's. `release_free_heap` (glibc's `malloc_trim`) returns it between the
+compile and the first execution (see `dpost.training.steps.Step`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
 from typing import Mapping
@@ -76,3 +84,15 @@ def reexec_with_hugepage_malloc(entry: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6") if glibc_version() is not None else None
+
+
+def release_free_heap() -> bool:
+    """Returns the malloc heap's free pages to the kernel (glibc's `malloc_trim(0)`); a no-op that
+    returns False where the C library is not glibc."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0))

@@ -82,3 +82,29 @@ def test_entry_point_reexecutes_itself_and_results_are_bit_identical(tmp_path):
     assert tuned_env == ON and plain_env == ""
     assert "['--flag', 'a b']" in tuned_rest  # the command line survives the exec
     assert tuned_rest == plain_rest  # same arithmetic, bit for bit
+
+
+TRIM_PROBE = textwrap.dedent("""
+    from dpost import startup
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    blocks = [bytearray(4000) for _ in range(50_000)]  # ~200 MB of small, heap-allocated blocks
+    keep = blocks[::500]  # a few survivors pin the heap's top, so glibc cannot shrink it by itself
+    del blocks
+    before = rss_mb()
+    released = startup.release_free_heap()
+    print(released, before, rss_mb())
+""")
+
+
+def test_release_free_heap_returns_freed_heap_pages(tmp_path):
+    require(startup.glibc_version() is not None, "glibc")
+    (tmp_path / "trim_probe.py").write_text(TRIM_PROBE)
+    out = subprocess.run([sys.executable, str(tmp_path / "trim_probe.py")], capture_output=True, text=True,
+                         timeout=120, check=True)
+    released, before, after = out.stdout.split()
+    assert released == "True"
+    assert float(before) - float(after) > 100  # MB given back of the ~200 MB freed

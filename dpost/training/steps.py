@@ -9,7 +9,7 @@ One step = one optimizer update on one global batch:
   `grad_accum` (not a per-device or per-micro-batch mean of means);
 * with a mesh, the train state is laid out by the logical-axis rules (params, grads and optimizer
   moments sharded alike), the batch is sharded along `batch`, and the state is donated;
-* shapes are static per stage, so a stage compiles one program (`step.jitted._cache_size()`).
+* shapes are static per stage, so a stage compiles one program (`len(step.programs)`).
 
 Batches are dicts of arrays as produced by `dpost.data.pipeline`:
   SFT:  prompt, prompt_mask [B, P] (left-padded), completion, completion_mask [B, C] (right-padded)
@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpost import sharding as sharding_lib
+from dpost import startup
 from dpost.models import layers
 from dpost.models.scoring import completion_token_logprobs, token_logprobs_from_logits
 from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll
@@ -280,19 +281,44 @@ def _apply_update(state: TrainState, grads, optimizer, lr_schedule):
 # --------------------------------------------------------------------------------------------------
 # jit with shardings
 # --------------------------------------------------------------------------------------------------
+# XLA:CPU's default scheduler orders independent work for thread concurrency, which materialises
+# every layer gradient's accumulator before the forward pass; the memory-optimised scheduler starts
+# them with the backward pass: the SmolLM2 DPO step's temporaries go from 1.08 to 0.88 GB at the
+# same step time (BENCHMARKS.md, "Training steps"). Other backends keep their defaults.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def _signature(args) -> tuple:
+    """What a compiled program is specialised to: tree structure, abstract values and shardings."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+
+
 class Step:
     """A jitted step plus the context (mesh, logical rules) its trace needs.
 
     Call as `step(state, batch)` (or `step(state, batch, ref_params)` for the in-step DPO
-    reference). `step.jitted` is the underlying `jax.jit` object (`_cache_size()`, `lower`).
+    reference). Each new argument signature (shapes, dtypes, shardings) is compiled ahead of time
+    and kept in `step.programs`, so a stage shows how many programs it compiled; between the
+    compile and the first execution the compiler's freed heap goes back to the kernel
+    (`startup.release_free_heap`), which keeps it out of the step's peak resident memory.
+    `step.jitted` is the underlying `jax.jit` object.
     """
 
     def __init__(self, fn: Callable, mesh: Mesh | None, rules, jitted):
         self.fn, self.mesh, self.rules, self.jitted = fn, mesh, rules, jitted
+        self.programs: dict[tuple, Any] = {}
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        self.compiler_options = CPU_COMPILER_OPTIONS if platform == "cpu" else {}
 
     def __call__(self, *args):
-        with sharding_lib.activation_rules(self.mesh, self.rules):
-            return self.jitted(*args)
+        key = _signature(args)
+        program = self.programs.get(key)
+        if program is None:
+            program = self.lower(*args).compile(compiler_options=self.compiler_options)
+            self.programs[key] = program
+            startup.release_free_heap()
+        return program(*args)
 
     def lower(self, *args):
         with sharding_lib.activation_rules(self.mesh, self.rules):

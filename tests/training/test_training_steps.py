@@ -328,16 +328,31 @@ def test_one_compiled_program_per_stage():
     for i in range(4):
         state, metrics = step(state, th.pair_batch(100 + i, batch=4), params)
     assert int(state.step) == 4
-    assert step.jitted._cache_size() == 1
+    assert len(step.programs) == 1
     assert np.isfinite(float(metrics["loss"])) and float(metrics["learning_rate"]) > 0
 
     # the loop pads ragged batches to fixed lengths, so it too compiles once
     sft = shared_step("sft")
-    before = sft.jitted._cache_size()
+    before = len(sft.programs)
     batches = iter([th.sft_batch(200 + i, batch=8, prompt_len=4 + i, completion_len=9 + i) for i in range(3)])
     result = training.run(sft, fresh_state(), batches, training.LoopConfig(num_steps=3, progress=False, log_every=2),
                           pad_to=(8, 12))
-    assert result.final_step == 3 and sft.jitted._cache_size() - before <= 1  # three ragged batches, one program
+    assert result.final_step == 3 and len(sft.programs) - before <= 1  # three ragged batches, one program
+
+
+def test_cpu_step_compiles_with_the_memory_optimised_scheduler():
+    """The step's compiler options reach XLA: the same lowered DPO step needs fewer temporary
+    bytes with them than with XLA:CPU's default (concurrency-first) scheduler."""
+    module, cfg, params, _ = llama()
+    tx, sched = shared_sgd()
+    step = training.make_dpo_step(module, tx, training.DPOConfig(reference="precomputed"), lr_schedule=sched)
+    assert step.compiler_options == training.steps.CPU_COMPILER_OPTIONS
+    batch = th.pair_batch(7, batch=4, prompt_len=16, chosen_len=24, rejected_len=24)
+    batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = np.zeros((4,), np.float32)
+    lowered = step.lower(training.create_train_state(params, tx), batch)
+    default = lowered.compile().memory_analysis().temp_size_in_bytes
+    chosen = lowered.compile(compiler_options=step.compiler_options).memory_analysis().temp_size_in_bytes
+    assert chosen < 0.95 * default
 
 
 def test_shared_prefix_and_chunked_head_equal_plain_forward():
