@@ -43,7 +43,8 @@ Terms:
                 (the attention scores are fp32: the softmax output is kept in fp32 plus the probs in
                 the compute dtype; the MLP keeps gate, up, activation and product), the logits'
                 working set G = b*C*V*(8 + a') (fp32 logits + their gradient, a' = a when the compute
-                dtype is not fp32), and the layer input X = N*d*a:
+                dtype is not fp32; C = model.logits_chunk when a decoder-only head is chunked), and the
+                layer input X = N*d*a:
                   without remat:  sum(R over layers) + max(R, G)        (+ one layer's backward)
                   with remat:     sum(X over layers) + max(1.5 R, G)    (one layer recomputed)
                 The coefficients are counted from XLA's buffer assignment of the compiled train
@@ -390,9 +391,10 @@ def logits_working_set(s: Shape, b: int, c: int) -> int:
     return b * c * s.v * (8 + (s.a if s.a != 4 else 0))
 
 
-def training_activations(family: str, s: Shape, b: int, p: int, c: int, remat: bool) -> int:
-    """Peak activation bytes of one forward + backward over b sequences (prompt p, target c tokens)."""
-    g = logits_working_set(s, b, c)
+def training_activations(family: str, s: Shape, b: int, p: int, c: int, remat: bool, logits_chunk: int = 0) -> int:
+    """Peak activation bytes of one forward + backward over b sequences (prompt p, target c tokens);
+    decoder-only models with `logits_chunk` hold the head's logits for that many positions at once."""
+    g = logits_working_set(s, b, min(c, logits_chunk) if family == "llama" and logits_chunk else c)
     if family == "llama":
         t = p + c
         r = decoder_layer_residuals(s, b, t)
@@ -448,8 +450,8 @@ HINTS = {
     "adam": "shard the optimizer state over more devices (a larger mesh fsdp axis)",
     "ref params": "use dpo.reference=precomputed (reference log-probs scored once, no reference weights in the step)",
     "weight copies": "set model.remat=True (only two layers' all-gathered copies live at once)",
-    "activations": "set model.remat=True, raise {stage}.grad_accum, or spread the batch over more devices "
-                   "(mesh data/fsdp)",
+    "activations": "set model.remat=True, model.logits_chunk (decoder-only), raise {stage}.grad_accum, or spread "
+                   "the batch over more devices (mesh data/fsdp)",
     "kv cache": "lower sampling.{stage}.batch_size (or num_samples / max_new_tokens), or shard KV heads (mesh tensor)",
 }
 SAMPLING_HINTS = {
@@ -579,6 +581,7 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
     )
     p, c = int(config.data.max_prompt_len), int(config.data.max_target_len)
     remat = bool(spec.config.remat)
+    chunk = int(config.model.logits_chunk)
     # Weight copies. Training in bf16 casts this device's shards once per step (layers.compute_params:
     # a bf16 copy of the same size ratio); the sampler decodes from its own copy of the params, split
     # per layer and in the compute dtype (sampling.decode_layout), in fp32 too. Under fsdp each
@@ -603,8 +606,8 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
     # -- SFT ----------------------------------------------------------------------------------
     accum = int(config.sft.grad_accum)
     b = per_device_rows(int(config.sft.batch_size), accum, "sft")
-    act_r = training_activations(spec.family, s, b, p, c, True)
-    act_n = training_activations(spec.family, s, b, p, c, False)
+    act_r = training_activations(spec.family, s, b, p, c, True, chunk)
+    act_n = training_activations(spec.family, s, b, p, c, False, chunk)
     seq = f"{p}+{c}" if spec.family == "llama" else f"{p}->{c}"
     rows.append(StageRow(
         "sft", "sft" in used, f"{b} seq x {seq} tok",
@@ -618,8 +621,8 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
     accum = int(config.dpo.grad_accum)
     pairs = per_device_rows(int(config.dpo.batch_size), accum, "dpo")
     pairs_full = _ceil_div(int(config.dpo.batch_size), batch_shards)
-    act_r = training_activations(spec.family, s, 2 * pairs, p, c, True)
-    act_n = training_activations(spec.family, s, 2 * pairs, p, c, False)
+    act_r = training_activations(spec.family, s, 2 * pairs, p, c, True, chunk)
+    act_n = training_activations(spec.family, s, 2 * pairs, p, c, False, chunk)
     ref_ws = inference_activations(spec.family, s, 2 * pairs_full, p, c)
     for reference in ("in_step", "precomputed"):
         in_step = reference == "in_step"

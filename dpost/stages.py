@@ -242,7 +242,8 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     optimizer = training.make_optimizer(opt_cfg)
     state, shardings = _train_state(base, optimizer, seed, mesh, rules)
     step = training.make_sft_step(base.module, optimizer, lr_schedule=training.make_schedule(opt_cfg),
-                                  grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings)
+                                  grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
+                                  logits_chunk=cfg.model.logits_chunk or None)
     p_len, c_len = _fixed_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     pad = base.pad_token_id
     data = pipeline.make_loader(tok.items, batch_size=batch_size // jax.process_count(), pad_id=pad,
@@ -331,7 +332,8 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     state, shardings = _train_state(policy, optimizer, seed, mesh, rules)
     step = training.make_dpo_step(policy.module, optimizer, dcfg, lr_schedule=training.make_schedule(opt_cfg),
                                   grad_accum=cfg.dpo.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
-                                  ref_shardings=shardings.params if shardings is not None else None)
+                                  ref_shardings=shardings.params if shardings is not None else None,
+                                  logits_chunk=cfg.model.logits_chunk or None)
     step_fn = step
     if dcfg.reference == "in_step":
         ref_params = policy.params
@@ -339,7 +341,8 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     data = distributed.HostBatches(training.ArrayIterator(arrays, batch_size, seed=seed))
 
     n_eval = min(cfg.dpo.eval_pairs, len(items))
-    eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules)
+    eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules,
+                                            logits_chunk=cfg.model.logits_chunk or None)
     eval_batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n_eval, batch_size)]
     eval_batches = [b for b in eval_batches if len(b["prompt"]) == batch_size] or eval_batches[:1]
     eval_batches = [distributed.host_rows(b) for b in eval_batches]

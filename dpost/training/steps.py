@@ -58,6 +58,11 @@ class DPOConfig:
 # --------------------------------------------------------------------------------------------------
 # forward pieces
 # --------------------------------------------------------------------------------------------------
+def check_logits_chunk(chunk: int | None) -> None:
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
+        raise ValueError(f"logits_chunk must be a whole number of positions >= 0 (0 or None: all at once), got {chunk!r}")
+
+
 def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
     """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
 
@@ -377,6 +382,7 @@ def make_sft_step(
     """step(state, batch) -> (state, metrics): masked NLL over target tokens, mean over the global
     batch's target tokens. Metrics: loss, tokens (target tokens), grad_norm, learning_rate.
     logits_chunk: compute the vocab head this many positions at a time (decoder-only; saves memory)."""
+    check_logits_chunk(logits_chunk)
     constrain_grads = _grad_constraint(mesh, state_shardings)
     constrain_batch = _batch_constraint(mesh, rules)
 
@@ -407,6 +413,7 @@ def make_sft_step(
 def make_sft_eval_step(module, *, mesh: Mesh | None = None, rules=None, param_shardings=None,
                        logits_chunk: int | None = None) -> Step:
     """eval(params, batch) -> {"nll_sum", "tokens"} (sum them over batches; loss = nll_sum / tokens)."""
+    check_logits_chunk(logits_chunk)
     def fn(params, batch):
         logps, mask = sft_token_logprobs(module, params, batch, logits_chunk)
         nll, tokens = masked_nll(logps, mask)
@@ -484,6 +491,7 @@ def make_dpo_step(
     Decoder-only models run each pair as one [prompt | chosen | rejected] sequence (the prompt
     once); logits_chunk bounds the vocab-sized logits held at once (see head_logprobs).
     """
+    check_logits_chunk(logits_chunk)
     constrain_grads = _grad_constraint(mesh, state_shardings)
     constrain_batch = _batch_constraint(mesh, rules)
 
@@ -521,6 +529,7 @@ def make_dpo_eval_step(module, cfg: DPOConfig = DPOConfig(), *, mesh: Mesh | Non
                        param_shardings=None, logits_chunk: int | None = None) -> Step:
     """eval(params, batch, ref_params=None) -> sums of the DPO metrics and the pair count.
     Pass ref_params=None when the batch carries ref_*_logps."""
+    check_logits_chunk(logits_chunk)
     def fn(params, batch, ref_params):
         if ref_params is not None:
             ref_c, ref_r = reference_logps(module, ref_params, batch, logits_chunk)
@@ -543,6 +552,7 @@ def make_reference_fn(module, *, mesh: Mesh | None = None, rules=None, param_sha
                       logits_chunk: int | None = None) -> Step:
     """ref(params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B]): run once per DPO stage
     over the pairs (or take the sampler's token log-probs) and feed them to the precomputed step."""
+    check_logits_chunk(logits_chunk)
     fn = functools.partial(reference_logps, module, chunk=logits_chunk)
     if mesh is None:
         return Step(fn, None, rules, jax.jit(fn))

@@ -355,6 +355,16 @@ def test_cpu_step_compiles_with_the_memory_optimised_scheduler():
     assert chosen < 0.95 * default
 
 
+def test_negative_logits_chunk_is_refused():
+    module = llama()[0]
+    tx, _ = shared_sgd()
+    for build in (lambda: training.make_sft_step(module, tx, logits_chunk=-8),
+                  lambda: training.make_dpo_step(module, tx, logits_chunk=-8),
+                  lambda: training.make_reference_fn(module, logits_chunk=-8)):
+        with pytest.raises(ValueError, match="logits_chunk must be"):
+            build()
+
+
 def test_shared_prefix_and_chunked_head_equal_plain_forward():
     """[prompt | chosen | rejected] in one sequence == chosen and rejected as separate rows, and a
     chunked vocab head == the full one (values and gradients)."""
