@@ -62,8 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
             family="",  # llama | t5 (needed for scratch; read from the checkpoint otherwise)
             dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
             remat=False,  # rematerialise each layer in training (saves activation memory)
-            # training, decoder-only: the vocabulary head over this many target positions at a time
-            # (0 = all at once); bounds the fp32 [rows, positions, vocab] logits of large vocabularies
+            # decoder-only train steps and reference scoring: the vocabulary head over this many target
+            # positions at a time (0 = all at once); bounds the fp32 [rows, positions, vocab] logits
             logits_chunk=0,
             # scratch models: family config fields (LlamaConfig / T5Config) and a tokenizer to train
             scratch=ml_collections.ConfigDict(),

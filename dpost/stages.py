@@ -317,7 +317,8 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
              [(int(i), "rejected") for i in np.flatnonzero(np.isnan(ref_r))]
     if wanted:  # only the sides the sampler did not score (gold rationales, earlier rounds' samples)
         # on this host's devices (multi-host: outputs of the global mesh are not fetchable)
-        scores = _score_sides(bundle_on(policy, sampling_mesh(mesh), rules), arrays, wanted)
+        scores = _score_sides(bundle_on(policy, sampling_mesh(mesh), rules), arrays, wanted,
+                              logits_chunk=cfg.model.logits_chunk or None)
         for (i, side), score in zip(wanted, scores):
             (ref_c if side == "chosen" else ref_r)[i] = score
     arrays["ref_chosen_logps"], arrays["ref_rejected_logps"] = ref_c, ref_r
@@ -372,7 +373,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
 
 
 def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Sequence[tuple[int, str]],
-                 batch_size: int = 32) -> np.ndarray:
+                 batch_size: int = 32, logits_chunk: int | None = None) -> np.ndarray:
     """Summed log-probs of the (pair row, "chosen" | "rejected") completions in `wanted`, in batches
     of one fixed shape (one compiled program; the last batch is filled by repeating its last row).
     Chosen and rejected share one padded width, as `_pair_arrays` makes them."""
@@ -388,6 +389,6 @@ def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Seq
         if short:
             chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
         scores = models.scoring.padded_sequence_logprobs(
-            bundle, chunk["prompt"], chunk["prompt_mask"], chunk["completion"], chunk["completion_mask"])
+            bundle, chunk["prompt"], chunk["prompt_mask"], chunk["completion"], chunk["completion_mask"], logits_chunk)
         out.append(scores[: bs - short])
     return np.concatenate(out).astype(np.float32)

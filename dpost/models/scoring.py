@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpost.models import layers
 from dpost.models.bundle import ModelBundle
 
 
@@ -19,17 +20,57 @@ def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Arr
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
-def completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask) -> jax.Array:
-    """[B, C] fp32 log-probs of each completion token (0 at padding). Pure; jit it at the call site."""
-    logits = module.apply(
-        {"params": params}, prompt, prompt_mask, completion, completion_mask, method="completion_logits"
-    )
-    return token_logprobs_from_logits(logits, completion) * completion_mask
+def is_decoder_only(module) -> bool:
+    """Decoder-only families expose hidden_states/logits; encoder-decoders (T5) have `encode`."""
+    return hasattr(module, "hidden_states") and hasattr(module, "logits") and not hasattr(module, "encode")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _sequence_logprobs(module, params, prompt, prompt_mask, completion, completion_mask):
-    return completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask).sum(-1)
+def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
+    """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
+
+    The log-softmax is fp32 (`scoring.token_logprobs_from_logits`). With `chunk`, positions are
+    processed `chunk` at a time in a scan whose body is rematerialised, so at most one
+    [B, chunk, V] block of logits exists at once, in the forward *and* the backward pass (at the
+    price of recomputing the head matmul once in the backward pass).
+    """
+    def piece(p, h, t):
+        return token_logprobs_from_logits(module.apply({"params": p}, h, method="logits"), t)
+
+    b, length, d = hidden.shape
+    if not chunk or chunk >= length:
+        return piece(params, hidden, targets)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(piece)
+    _, out = jax.lax.scan(lambda carry, x: (carry, body(params, *x)), None, (h, t))
+    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+
+
+def completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask,
+                              chunk: int | None = None) -> jax.Array:
+    """[B, C] fp32 log-probs of each completion token (0 at padding). Pure; jit it at the call site.
+
+    Without `chunk` (or for encoder-decoders) this is the family's `completion_logits`; with it, a
+    decoder-only model runs the same computation with its vocab head `chunk` positions at a time
+    (see head_logprobs)."""
+    if not chunk or not is_decoder_only(module):
+        logits = module.apply(
+            {"params": params}, prompt, prompt_mask, completion, completion_mask, method="completion_logits"
+        )
+        return token_logprobs_from_logits(logits, completion) * completion_mask
+    p = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, completion], axis=1)
+    valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
+    hidden, _ = module.apply({"params": params}, tokens, layers.positions_from_mask(valid),
+                             layers.causal_padding_mask(valid), method="hidden_states")
+    return head_logprobs(module, params, hidden[:, p - 1: -1], completion, chunk) * completion_mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _sequence_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk=None):
+    return completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk).sum(-1)
 
 
 def bucket_length(n: int, minimum: int = 8) -> int:
@@ -75,7 +116,9 @@ def sequence_logprobs(bundle: ModelBundle, prompt_ids, completion_ids) -> np.nda
     return padded_sequence_logprobs(bundle, prompt, prompt_mask, completion, completion_mask)
 
 
-def padded_sequence_logprobs(bundle: ModelBundle, prompt, prompt_mask, completion, completion_mask) -> np.ndarray:
-    """`sequence_logprobs` of already padded arrays (prompt left-padded, completion right-padded)."""
-    out = _sequence_logprobs(bundle.module, bundle.params, prompt, prompt_mask, completion, completion_mask)
+def padded_sequence_logprobs(bundle: ModelBundle, prompt, prompt_mask, completion, completion_mask,
+                             chunk: int | None = None) -> np.ndarray:
+    """`sequence_logprobs` of already padded arrays (prompt left-padded, completion right-padded);
+    `chunk` bounds the vocab-sized logits held at once (decoder-only, see head_logprobs)."""
+    out = _sequence_logprobs(bundle.module, bundle.params, prompt, prompt_mask, completion, completion_mask, chunk)
     return np.asarray(out, dtype=np.float64)

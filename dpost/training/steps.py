@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dpost import sharding as sharding_lib
 from dpost import startup
 from dpost.models import layers
-from dpost.models.scoring import completion_token_logprobs, token_logprobs_from_logits
+from dpost.models.scoring import completion_token_logprobs, head_logprobs, is_decoder_only
 from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll
 from dpost.training.state import TrainState
 
@@ -63,29 +63,6 @@ def check_logits_chunk(chunk: int | None) -> None:
         raise ValueError(f"logits_chunk must be a whole number of positions >= 0 (0 or None: all at once), got {chunk!r}")
 
 
-def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
-    """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
-
-    The log-softmax is fp32 (`scoring.token_logprobs_from_logits`). With `chunk`, positions are
-    processed `chunk` at a time in a scan whose body is rematerialised, so at most one
-    [B, chunk, V] block of logits exists at once, in the forward *and* the backward pass (at the
-    price of recomputing the head matmul once in the backward pass).
-    """
-    def piece(p, h, t):
-        return token_logprobs_from_logits(module.apply({"params": p}, h, method="logits"), t)
-
-    b, length, d = hidden.shape
-    if not chunk or chunk >= length:
-        return piece(params, hidden, targets)
-    n = -(-length // chunk)
-    pad = n * chunk - length
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    body = jax.checkpoint(piece)
-    _, out = jax.lax.scan(lambda carry, x: (carry, body(params, *x)), None, (h, t))
-    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
-
-
 def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> jax.Array:
     """[B, T] log-probs of `targets` for packed decoder-only rows (0 where loss_mask is 0).
 
@@ -99,21 +76,6 @@ def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> ja
     return head_logprobs(module, params, hidden, batch["targets"], chunk) * batch["loss_mask"]
 
 
-def completion_logprobs(module, params, prompt, prompt_mask, completion, completion_mask,
-                        chunk: int | None = None) -> jax.Array:
-    """[B, C] masked completion-token log-probs. Without `chunk` this is the family interface
-    (`scoring.completion_token_logprobs`); with it (decoder-only), the same computation with the
-    vocab head chunked (see head_logprobs)."""
-    if not chunk or not is_decoder_only(module):
-        return completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask)
-    p = prompt.shape[1]
-    tokens = jnp.concatenate([prompt, completion], axis=1)
-    valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _ = module.apply({"params": params}, tokens, layers.positions_from_mask(valid),
-                             layers.causal_padding_mask(valid), method="hidden_states")
-    return head_logprobs(module, params, hidden[:, p - 1: -1], completion, chunk) * completion_mask
-
-
 def _valid(batch, n: int) -> jax.Array:
     v = batch.get("valid")
     return jnp.ones((n,), jnp.float32) if v is None else v.astype(jnp.float32)
@@ -125,18 +87,13 @@ def sft_token_logprobs(module, params, batch, chunk: int | None = None) -> tuple
     if "segment_ids" in batch:
         return packed_token_logprobs(module, params, batch, chunk), batch["loss_mask"].astype(jnp.float32)
     mask = batch["completion_mask"].astype(jnp.float32) * _valid(batch, batch["completion"].shape[0])[:, None]
-    logps = completion_logprobs(module, params, batch["prompt"], batch["prompt_mask"], batch["completion"],
+    logps = completion_token_logprobs(module, params, batch["prompt"], batch["prompt_mask"], batch["completion"],
                                 batch["completion_mask"], chunk)
     return logps, mask
 
 
 def _pad_to(x: jax.Array, length: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
-
-
-def is_decoder_only(module) -> bool:
-    """Decoder-only families expose hidden_states/logits; encoder-decoders (T5) have `encode`."""
-    return hasattr(module, "hidden_states") and hasattr(module, "logits") and not hasattr(module, "encode")
 
 
 def shared_prefix_pair_logprobs(module, params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -200,7 +157,7 @@ def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None
     if shared_prefix:
         return shared_prefix_pair_logprobs(module, params, batch, chunk)
     prompt, prompt_mask, completion, completion_mask = pair_inputs(batch)
-    logps = completion_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
+    logps = completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
     b = batch["prompt"].shape[0]
     logps = logps.reshape(b, 2, -1)
     return logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]

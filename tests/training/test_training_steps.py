@@ -385,3 +385,22 @@ def test_shared_prefix_and_chunked_head_equal_plain_forward():
         np.testing.assert_allclose(np.asarray(r), np.asarray(r0), rtol=1e-5, atol=1e-5)
         _params_close(g, g0, rtol=1e-4, atol=1e-6)
     assert c0.shape == (3, 12) and r0.shape == (3, 9)
+
+
+def test_scoring_with_a_chunked_head_equals_the_whole_head():
+    """The DPO stage scores reference sides with `padded_sequence_logprobs(..., chunk)`: same sums as
+    the family's `completion_logits` path (decoder-only), and T5 ignores the chunk."""
+    from dpost.models import scoring
+
+    module, cfg, params, _ = llama()
+    b = th.pair_batch(5, batch=3, chosen_len=11, rejected_len=7)
+    args = (b["prompt"], b["prompt_mask"], b["chosen"], b["chosen_mask"])
+    whole = np.asarray(scoring._sequence_logprobs(module, params, *args, None))
+    for chunk in (4, 11, 64):
+        np.testing.assert_allclose(np.asarray(scoring._sequence_logprobs(module, params, *args, chunk)), whole,
+                                   rtol=1e-5)
+    require_t5()
+    t5_module, _, t5_params, _ = th.import_hf("t5", th.hf_t5(0))
+    t5_whole = scoring._sequence_logprobs(t5_module, t5_params, *args, None)
+    np.testing.assert_array_equal(np.asarray(scoring._sequence_logprobs(t5_module, t5_params, *args, 4)),
+                                  np.asarray(t5_whole))
