@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpost.models import layers
 from dpost.models.bundle import ModelBundle
 
 
@@ -25,6 +24,11 @@ def is_decoder_only(module) -> bool:
     return hasattr(module, "hidden_states") and hasattr(module, "logits") and not hasattr(module, "encode")
 
 
+def check_logits_chunk(chunk: int | None) -> None:
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
+        raise ValueError(f"logits_chunk must be a whole number of positions >= 0 (0 or None: all at once), got {chunk!r}")
+
+
 def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
     """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
 
@@ -33,6 +37,8 @@ def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: 
     [B, chunk, V] block of logits exists at once, in the forward *and* the backward pass (at the
     price of recomputing the head matmul once in the backward pass).
     """
+    check_logits_chunk(chunk)
+
     def piece(p, h, t):
         return token_logprobs_from_logits(module.apply({"params": p}, h, method="logits"), t)
 
@@ -60,12 +66,9 @@ def completion_token_logprobs(module, params, prompt, prompt_mask, completion, c
             {"params": params}, prompt, prompt_mask, completion, completion_mask, method="completion_logits"
         )
         return token_logprobs_from_logits(logits, completion) * completion_mask
-    p = prompt.shape[1]
-    tokens = jnp.concatenate([prompt, completion], axis=1)
-    valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
-    hidden, _ = module.apply({"params": params}, tokens, layers.positions_from_mask(valid),
-                             layers.causal_padding_mask(valid), method="hidden_states")
-    return head_logprobs(module, params, hidden[:, p - 1: -1], completion, chunk) * completion_mask
+    hidden = module.apply({"params": params}, prompt, prompt_mask, completion, completion_mask,
+                          method="completion_hidden")
+    return head_logprobs(module, params, hidden, completion, chunk) * completion_mask
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dpost import sharding as sharding_lib
 from dpost import startup
 from dpost.models import layers
-from dpost.models.scoring import completion_token_logprobs, head_logprobs, is_decoder_only
+from dpost.models.scoring import check_logits_chunk, completion_token_logprobs, head_logprobs, is_decoder_only
 from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll
 from dpost.training.state import TrainState
 
@@ -58,11 +58,6 @@ class DPOConfig:
 # --------------------------------------------------------------------------------------------------
 # forward pieces
 # --------------------------------------------------------------------------------------------------
-def check_logits_chunk(chunk: int | None) -> None:
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
-        raise ValueError(f"logits_chunk must be a whole number of positions >= 0 (0 or None: all at once), got {chunk!r}")
-
-
 def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> jax.Array:
     """[B, T] log-probs of `targets` for packed decoder-only rows (0 where loss_mask is 0).
 
