@@ -5,6 +5,7 @@
     python bench/accelerator.py --peak_tflops 989 --hbm_tbps 3.35 --mesh data=1,fsdp=8
     python bench/accelerator.py --models llama-1b --stages sft --profile /tmp/prof   # + a trace per row
     python bench/accelerator.py --models llama-1b --stages sft,dpo --batch 16 --remat  # without remat: OOM on 80 GB
+    python bench/accelerator.py --models llama-1b --stages sft,dpo --logits_chunk 128   # chunked vocabulary head
 
 Models (random weights, fp32 masters, compute in --dtype):
   llama-1b       Llama-shaped, TinyLlama-1.1B dimensions (d 2048, MLP 5632, 22 layers, 32 heads,
@@ -194,7 +195,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
     rng = np.random.default_rng(0)
     if stage == "sft":
         step = training.make_sft_step(bundle.module, tx, lr_schedule=training.make_schedule(opt), mesh=mesh,
-                                      state_shardings=st_sh)
+                                      state_shardings=st_sh, logits_chunk=args.logits_chunk)
         batch = training.put_batch(_random_batch(rng, rows, shapes.prompt, shapes.target, cfg.vocab_size, False), mesh)
         extra = ()
         flops = train_flops(family, cfg, rows, shapes.prompt, shapes.target)
@@ -204,7 +205,8 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
         pairs = max(1, rows // 2)
         dpo_cfg = training.DPOConfig(reference=args.dpo_reference)
         step = training.make_dpo_step(bundle.module, tx, dpo_cfg, lr_schedule=training.make_schedule(opt), mesh=mesh,
-                                      state_shardings=st_sh, ref_shardings=st_sh.params if st_sh else None)
+                                      state_shardings=st_sh, ref_shardings=st_sh.params if st_sh else None,
+                                      logits_chunk=args.logits_chunk)
         host = _random_batch(rng, pairs, shapes.prompt, shapes.target, cfg.vocab_size, True)
         if args.dpo_reference == "in_step":
             host.pop("ref_chosen_logps"), host.pop("ref_rejected_logps")
@@ -327,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
     ap.add_argument("--remat", action="store_true", help="rematerialise each layer in the train steps (larger --batch)")
+    ap.add_argument("--logits_chunk", type=int, default=None,
+                    help="decoder-only train steps: vocabulary head this many target positions at a time")
     ap.add_argument("--profile", default=None, help="folder for a jax.profiler trace of one more step per row")
     args = ap.parse_args(argv)
     tiny = args.tiny
