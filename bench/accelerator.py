@@ -276,6 +276,13 @@ def _profile(args, name: str, stage: str, one) -> None:
         jax.block_until_ready(one())
 
 
+def _peak_memory() -> str:
+    """The device allocator's peak so far (GPU/TPU; CPU has no allocator statistics): run one
+    stage per process to read a stage's own peak."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return f"; device memory peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB" if "peak_bytes_in_use" in stats else ""
+
+
 def _count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
@@ -372,8 +379,8 @@ def main(argv=None) -> int:
             else:
                 ap.error(f"unknown stage {stage!r}")
             rows.append(row)
-            print(f"  {label} {row.stage}: {row.seconds:.3f} s ({time.perf_counter() - t0:.1f} s with compile)",
-                  file=sys.stderr, flush=True)
+            print(f"  {label} {row.stage}: {row.seconds:.3f} s ({time.perf_counter() - t0:.1f} s with compile)"
+                  f"{_peak_memory()}", file=sys.stderr, flush=True)
         del bundle, holder
     print(format_table(rows, device, n_dev, peak, hbm, dtype))
     return 0

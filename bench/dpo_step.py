@@ -265,10 +265,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     ap.add_argument("--sides", default="trl,dpost_pre,dpost_in")
     ap.add_argument("--remat", type=int, default=1, help="dpost: rematerialise each layer in the backward pass")
-    # 0: the whole head at once. Here (224 completion positions x 4 pairs) that holds 176 MB of logits
-    # yet leaves peak RSS unchanged (the train state and gradients set it) and drops the chunk
-    # loop: 9.2 s against 9.8 s per step with 64-position chunks (BENCHMARKS.md).
-    ap.add_argument("--logits-chunk", type=int, default=0, help="dpost: vocab head positions at a time (0: all)")
+    # 32 (of the 224 completion positions per pair): the chunked head's backward pass computes the
+    # head's gradient after the layers' (scoring._chunked_head_bwd): 2.59 GB peak against 2.83 GB
+    # with the whole head (0), at 10.1 s against 9.3 s per step (BENCHMARKS.md, "Training steps").
+    ap.add_argument("--logits-chunk", type=int, default=32, help="dpost: vocab head positions at a time (0: all)")
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -32,26 +32,106 @@ def check_logits_chunk(chunk: int | None) -> None:
 def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: int | None = None) -> jax.Array:
     """log p(targets) [B, L] from final hidden states [B, L, D] through the family's vocab head.
 
-    The log-softmax is fp32 (`scoring.token_logprobs_from_logits`). With `chunk`, positions are
-    processed `chunk` at a time in a scan whose body is rematerialised, so at most one
-    [B, chunk, V] block of logits exists at once, in the forward *and* the backward pass (at the
-    price of recomputing the head matmul once in the backward pass).
+    The log-softmax is fp32 (`scoring.token_logprobs_from_logits`). With `chunk` (decoder-only
+    families, which expose `vocab_head`), at most about `chunk` positions' worth of logits
+    ([B, chunk, V] floats) exist at once, in the forward *and* the backward pass: see
+    `_chunked_head_bwd` for how the gradient is split so that the head's own gradient is computed
+    last, after the layers' backward pass has finished with its activations.
     """
     check_logits_chunk(chunk)
-
-    def piece(p, h, t):
-        return token_logprobs_from_logits(module.apply({"params": p}, h, method="logits"), t)
-
     b, length, d = hidden.shape
     if not chunk or chunk >= length:
-        return piece(params, hidden, targets)
+        return token_logprobs_from_logits(module.apply({"params": params}, hidden, method="logits"), targets)
     n = -(-length // chunk)
     pad = n * chunk - length
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    body = jax.checkpoint(piece)
-    _, out = jax.lax.scan(lambda carry, x: (carry, body(params, *x)), None, (h, t))
-    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    logps = _chunked_head(module, params, h, t)  # [n, B, chunk]
+    return logps.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+
+
+# The chunked head. Rows of the head (`module.vocab_head`, [V, D] fp32) are cast to the compute
+# dtype and multiplied as `Llama.logits` does; log-softmax and its gradient are fp32.
+def _rows(module, params):
+    return module.apply({"params": params}, method="vocab_head")
+
+
+def _logits(module, hidden, rows):
+    return (hidden @ rows.astype(module.config.compute_dtype).T).astype(jnp.float32)
+
+
+def _softmax_cotangent(logits, lse, ct, onehot):
+    """d(sum ct * log p(target)) / d logits = ct * (onehot(target) - softmax), all fp32."""
+    return ct[..., None] * (onehot - jnp.exp(logits - lse[..., None]))
+
+
+def _chunked_head_fwd(module, params, h, t):
+    rows = _rows(module, params)
+
+    def piece(_, x):
+        hc, tc = x
+        logits = _logits(module, hc, rows)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return None, (jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse, lse)
+
+    _, (logps, lse) = jax.lax.scan(piece, None, (h, t))
+    return logps, (params, h, t, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_head(module, params, h, t):
+    return _chunked_head_fwd(module, params, h, t)[0]
+
+
+def _chunked_head_bwd(module, residuals, ct):
+    """Two passes that each recompute the logits, block by block:
+
+    1. over position chunks: d hidden (small), which the layers' backward pass needs next;
+    2. over vocabulary blocks of about the same size: d head, each block of rows written once.
+
+    Nothing in pass 2 feeds the layers' backward pass, so XLA schedules it after that pass: the
+    head's [V, D] gradient is not held while the layers' gradients and activations are (the usual
+    single pass would hold it from the first backward op to the optimizer update), and no
+    [V, D] partial product is added per chunk. The price is one more head matmul per step.
+    """
+    params, h, t, lse = residuals
+    rows = _rows(module, params)
+    dt = module.config.compute_dtype
+    vocab = rows.shape[0]
+
+    def d_hidden(_, x):
+        hc, tc, lc, cc = x
+        logits = _logits(module, hc, rows)
+        d_logits = _softmax_cotangent(logits, lc, cc, jax.nn.one_hot(tc, vocab, dtype=jnp.float32))
+        return None, d_logits.astype(dt) @ rows.astype(dt)
+
+    _, d_h = jax.lax.scan(d_hidden, None, (h, t, lse, ct))
+
+    # Pass 2 over every position at once, `block` rows of the head at a time.
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), t.reshape(-1)
+    flat_lse, flat_ct = lse.reshape(-1), ct.reshape(-1)
+    block = max(1, vocab // h.shape[0])
+
+    def d_rows(start, size):
+        sub = jax.lax.dynamic_slice_in_dim(rows, start, size)
+        logits = _logits(module, flat_h, sub)
+        onehot = (flat_t[:, None] == start + jnp.arange(size)).astype(jnp.float32)
+        d_logits = _softmax_cotangent(logits, flat_lse, flat_ct, onehot)
+        return (d_logits.astype(dt).T @ flat_h.astype(dt)).astype(jnp.float32)
+
+    def block_step(d_head, i):
+        start = i * block
+        return jax.lax.dynamic_update_slice_in_dim(d_head, d_rows(start, block), start, 0), None
+
+    n_blocks, rest = divmod(vocab, block)
+    d_head, _ = jax.lax.scan(block_step, jnp.zeros(rows.shape, jnp.float32), jnp.arange(n_blocks))
+    if rest:
+        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_rows(n_blocks * block, rest), n_blocks * block, 0)
+    d_params = jax.vjp(lambda p: _rows(module, p), params)[1](d_head.astype(rows.dtype))[0]
+    return d_params, d_h.astype(h.dtype), None
+
+
+_chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)
 
 
 def completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask,

@@ -225,10 +225,14 @@ class Llama(nn.Module):
         (x, cache), _ = self.layers((x, cache), positions, mask, index, jnp.arange(self.config.num_layers))
         return self.final_norm(x), cache
 
+    def vocab_head(self):
+        """The vocabulary head as fp32 rows [V, D]: the tied embedding or lm_head transposed
+        (`logits` = hidden @ vocab_head().T in the compute dtype; `scoring` slices it by rows)."""
+        return self.embed if self.config.tie_word_embeddings else self.lm_head.T
+
     def logits(self, hidden):
-        dt = self.config.compute_dtype
-        head = self.embed.T if self.config.tie_word_embeddings else self.lm_head
-        return constrain(hidden @ head.astype(dt), ("batch", "length", "act_vocab"))
+        head = self.vocab_head().T  # [D, V]; for an untied head the two transposes cancel
+        return constrain(hidden @ head.astype(self.config.compute_dtype), ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens, positions=None, mask=None, cache=None, cache_index=None):
         if positions is None:
