@@ -266,8 +266,9 @@ def main():
     ap.add_argument("--sides", default="trl,dpost_pre,dpost_in")
     ap.add_argument("--remat", type=int, default=1, help="dpost: rematerialise each layer in the backward pass")
     # 32 (of the 224 completion positions per pair): the chunked head's backward pass computes the
-    # head's gradient after the layers' (scoring._chunked_head_bwd): 2.59 GB peak against 2.83 GB
-    # with the whole head (0), at 10.1 s against 9.3 s per step (BENCHMARKS.md, "Training steps").
+    # head's gradient after the layers' (scoring._chunked_head_bwd): 2.58 GB peak against 2.81 GB
+    # with the whole head (0), 10.1 s against 10.4 s per step, same session (BENCHMARKS.md,
+    # "Training steps"; step times move ~10% between runs on this machine).
     ap.add_argument("--logits-chunk", type=int, default=32, help="dpost: vocab head positions at a time (0: all)")
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

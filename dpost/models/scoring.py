@@ -14,9 +14,13 @@ from dpost.models.bundle import ModelBundle
 
 def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(target) per position, log-softmax in fp32 without a second full-vocabulary copy."""
+    return _logprobs_and_lse(logits, targets)[0]
+
+
+def _logprobs_and_lse(logits, targets):
     logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - lse, lse
 
 
 def is_decoder_only(module) -> bool:
@@ -50,29 +54,30 @@ def head_logprobs(module, params, hidden: jax.Array, targets: jax.Array, chunk: 
     return logps.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
 
 
-# The chunked head. Rows of the head (`module.vocab_head`, [V, D] fp32) are cast to the compute
-# dtype and multiplied as `Llama.logits` does; log-softmax and its gradient are fp32.
+# The chunked head. Rows of the head (`module.vocab_head`, [V, D] fp32 masters) are cast to the
+# compute dtype once per pass (not per chunk) and multiplied as `Llama.logits` does; the
+# log-softmax and its gradient are fp32.
 def _rows(module, params):
     return module.apply({"params": params}, method="vocab_head")
 
 
-def _logits(module, hidden, rows):
-    return (hidden @ rows.astype(module.config.compute_dtype).T).astype(jnp.float32)
+def _logits(hidden, rows):
+    return (hidden @ rows.T).astype(jnp.float32)
 
 
-def _softmax_cotangent(logits, lse, ct, onehot):
-    """d(sum ct * log p(target)) / d logits = ct * (onehot(target) - softmax), all fp32."""
-    return ct[..., None] * (onehot - jnp.exp(logits - lse[..., None]))
+def _softmax_cotangent(logits, lse, ct, targets, first_row=0):
+    """d(sum ct * log p(target)) / d logits = ct * (onehot(target) - softmax), all fp32, for the
+    head rows first_row .. first_row + logits.shape[-1]."""
+    onehot = targets[..., None] == first_row + jnp.arange(logits.shape[-1])
+    return ct[..., None] * (onehot.astype(jnp.float32) - jnp.exp(logits - lse[..., None]))
 
 
 def _chunked_head_fwd(module, params, h, t):
-    rows = _rows(module, params)
+    head = _rows(module, params).astype(module.config.compute_dtype)
 
     def piece(_, x):
         hc, tc = x
-        logits = _logits(module, hc, rows)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return None, (jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse, lse)
+        return None, _logprobs_and_lse(_logits(hc, head), tc)
 
     _, (logps, lse) = jax.lax.scan(piece, None, (h, t))
     return logps, (params, h, t, lse)
@@ -98,26 +103,25 @@ def _chunked_head_bwd(module, residuals, ct):
     rows = _rows(module, params)
     dt = module.config.compute_dtype
     vocab = rows.shape[0]
+    head = rows.astype(dt)
 
     def d_hidden(_, x):
         hc, tc, lc, cc = x
-        logits = _logits(module, hc, rows)
-        d_logits = _softmax_cotangent(logits, lc, cc, jax.nn.one_hot(tc, vocab, dtype=jnp.float32))
-        return None, d_logits.astype(dt) @ rows.astype(dt)
+        d_logits = _softmax_cotangent(_logits(hc, head), lc, cc, tc)
+        return None, d_logits.astype(dt) @ head
 
     _, d_h = jax.lax.scan(d_hidden, None, (h, t, lse, ct))
 
-    # Pass 2 over every position at once, `block` rows of the head at a time.
+    # Pass 2 over every position at once, `block` rows of the head at a time (each block cast on
+    # its own, so no compute-dtype copy of the whole head is held at the end of the step).
     flat_h, flat_t = h.reshape(-1, h.shape[-1]), t.reshape(-1)
     flat_lse, flat_ct = lse.reshape(-1), ct.reshape(-1)
     block = max(1, vocab // h.shape[0])
 
     def d_rows(start, size):
-        sub = jax.lax.dynamic_slice_in_dim(rows, start, size)
-        logits = _logits(module, flat_h, sub)
-        onehot = (flat_t[:, None] == start + jnp.arange(size)).astype(jnp.float32)
-        d_logits = _softmax_cotangent(logits, flat_lse, flat_ct, onehot)
-        return (d_logits.astype(dt).T @ flat_h.astype(dt)).astype(jnp.float32)
+        sub = jax.lax.dynamic_slice_in_dim(rows, start, size).astype(dt)
+        d_logits = _softmax_cotangent(_logits(flat_h, sub), flat_lse, flat_ct, flat_t, start)
+        return (d_logits.astype(dt).T @ flat_h).astype(jnp.float32)
 
     def block_step(d_head, i):
         start = i * block
