@@ -58,8 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(
         dict(
-            source="",  # hf:<dir or hub id> | gguf:<file> | orbax:<dir> | scratch (random init from model.scratch)
-            family="",  # llama | t5 (needed for scratch; read from the checkpoint otherwise)
+            # hf:<dir or hub id> | gguf:<file> | orbax:<dir> | scratch (random init from model.scratch)
+            # | pretrain (model.scratch pre-trained once on `pretrain.corpus`, cached; synthetic tasks)
+            source="",
+            family="",  # llama | t5 (needed for scratch/pretrain; read from the checkpoint otherwise)
             dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
             remat=False,  # rematerialise each layer in training (saves activation memory)
             # decoder-only train steps and reference scoring: the vocabulary head over this many target
@@ -75,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
             source="local",  # local (data.dir or $DPOST_DATA_DIR) | hub (openai/gsm8k) | synthetic
             dir="",  # folder holding gsm8k/{train,dev,test}.jsonl; "" -> $DPOST_DATA_DIR
             max_train=0,  # use only the first N training questions (0 = all)
+            # the first N training questions keep their gold rationale (0 = all); the rest are
+            # answer-only: sampled, paired and pseudo-labeled, but not in the warm-up SFT
+            labeled=0,
             max_eval=0,  # evaluate on the first N of each eval split (0 = all)
             eval_splits=("dev", "test"),
             ood=(),  # any of multiarith, svamp, asdiv (evaluation only)
@@ -113,13 +118,15 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7))
-    c.pseudo_labels = ml_collections.ConfigDict(dict(dedup_threshold=0.7, cap_percentile=90))
+    # similarity: Jaccard over the model tokenizer's sub-word tokens (subword, the release) | words
+    c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7, similarity="subword"))
+    c.pseudo_labels = ml_collections.ConfigDict(dict(dedup_threshold=0.7, cap_percentile=90, similarity="subword"))
 
     c.sampling = ml_collections.ConfigDict(
         dict(
-            pairs=sampling_fields(num_samples=5, temperature=0.7),
-            labels=sampling_fields(num_samples=3, temperature=0.7),
+            # top_k 50: the release sampled with transformers' generate, whose default top-k is 50
+            pairs=sampling_fields(num_samples=5, temperature=0.7, top_k=50),
+            labels=sampling_fields(num_samples=3, temperature=0.7, top_k=50),
             eval=sampling_fields(num_samples=1, temperature=0.0, batch_size=96),
         )
     )
@@ -130,6 +137,21 @@ def base_config() -> ml_collections.ConfigDict:
             every_stage=True,  # evaluate SFT_k and DPO_k after each stage
             pass_at_k=0,  # > 0: also sample k rationales per question for pass@k and maj@k
             pass_at_k_temperature=0.7,
+        )
+    )
+
+    # model.source=pretrain: M0 = model.scratch trained once on a synthetic corpus (dpost.pretrain),
+    # cached by content hash and shared by every method and seed; its own seed, not the run's.
+    c.pretrain = ml_collections.ConfigDict(
+        dict(
+            corpus=ml_collections.ConfigDict(dict(n=6000, seed=2024, min_steps=1, max_steps=2)),  # + Difficulty fields
+            seed=0,
+            epochs=4,
+            max_steps=0,  # > 0 caps the number of optimizer steps
+            batch_size=32,
+            optimizer=optimizer_fields(learning_rate=3e-3),
+            checkpoint_every=500,
+            cache_dir="",  # "" -> $DPOST_CACHE_DIR, else ~/.cache/dpost
         )
     )
 

@@ -25,7 +25,7 @@ import jax
 import logging
 from etils import epath
 
-from dpost import evaluation, models, plan, reports, sharding, stages
+from dpost import evaluation, models, plan, pretrain, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
@@ -46,6 +46,7 @@ class Run:
     base: ModelBundle  # M0: every SFT_k restarts from it
     mesh: Any
     rules: Any
+    pretrain: dict | None = None  # model.source=pretrain: M0's pre-training (time, FLOPs, cache)
 
     @property
     def family(self) -> str:
@@ -79,18 +80,23 @@ def run(config, workdir: str, config_path: str = "") -> dict:
             pair_rounds.append(samples)
             pairs, pairs_manifest = preference_pairs(r, k, pair_rounds)
             labeler, entry = train_dpo(r, k, sft_model, pairs, [sample_manifest, pairs_manifest])
+            entry["sampled"] = sampled(sample_manifest, f"sft_{k - 1}")
             entries.append(entry)
+            labeler_name = f"dpo_{k}"
         else:  # st: plain self-training labels with the previous SFT model
-            labeler, sample_manifest = sft_model, None
+            labeler, labeler_name = sft_model, f"sft_{k - 1}"
         samples, labels_sample_manifest = sample(r, labeler, k, "sample_labels", config.sampling.labels)
         label_rounds.append(samples)
         labels, labels_manifest = pseudo_labels(r, k, label_rounds)
         sft_model, entry = train_sft(r, k, labels, [labels_sample_manifest, labels_manifest])
+        entry["sampled"] = sampled(labels_sample_manifest, labeler_name)
+        entry["pseudo_labels"], entry["beyond_gold"] = labels_manifest["pseudo_labels"], labels_manifest["beyond_gold"]
         entries.append(entry)
 
-    results = reports.write_results(r.rundir.root, config_path, config.method, config.seed, entries) \
-        if jax.process_index() == 0 else {"stages": entries}
+    # Every process builds the same document; process 0 writes it.
+    results = reports.results_document(config_path, config.method, config.seed, entries, pretrain=r.pretrain)
     if jax.process_index() == 0:
+        reports.write_json(r.rundir.root / "results.json", results)
         split = "test" if "test" in r.task.eval_sets else next(iter(r.task.eval_sets), "test")
         reports.write_run_reports(r.rundir.root, results, split)
     return results
@@ -107,8 +113,6 @@ def train_sft(r: Run, iteration: int, examples, inputs: list[dict] | None = None
         model, manifest = stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, 1),
                                            mesh=r.mesh, rules=r.rules)
     entry = _entry(iteration, "sft", f"sft_{iteration}", [manifest] + (inputs or []))
-    if iteration > 0:
-        entry["pseudo_labels"] = inputs[-1]["pseudo_labels"]
     entry["eval"] = evaluate_stage(r, iteration, f"sft_{iteration}", model)
     return model, entry
 
@@ -141,7 +145,7 @@ def sample(r: Run, model: ModelBundle, iteration: int, name: str, scfg):
 def preference_pairs(r: Run, iteration: int, rounds):
     stage = r.stage(iteration, "pairs")
     if not stage.done():
-        manifest = stages.pairs_stage(r.task.train, rounds, rounds[-1], r.family, r.config, stage)
+        manifest = stages.pairs_stage(r.task.train, rounds, rounds[-1], r.family, r.config, stage, r.base.tokenizer)
         if manifest["pairs"] == 0:
             raise ValueError(
                 f"iteration {iteration}: no preference pairs (no training question has an incorrect sample "
@@ -154,7 +158,7 @@ def preference_pairs(r: Run, iteration: int, rounds):
 def pseudo_labels(r: Run, iteration: int, rounds):
     stage = r.stage(iteration, "pseudo_labels")
     if not stage.done():
-        stages.labels_stage(r.task.train, rounds, r.family, r.config, stage)
+        stages.labels_stage(r.task.train, rounds, r.family, r.config, stage, r.base.tokenizer)
     stages.barrier(f"labels {iteration}")
     rows = stages.read_jsonl(stage.path / "labels.jsonl")
     examples = [(formatting.format_prompt(r.family, row["question"]), row["target"]) for row in rows]
@@ -181,6 +185,13 @@ def evaluate_stage(r: Run, iteration: int, model_name: str, model: ModelBundle) 
     return results
 
 
+def sampled(manifest: dict, model: str) -> dict:
+    """What a sampling stage says of its model's samples on the training questions (pass@1,
+    pass@n, questions with a correct sample): the paper's mechanism is DPO raising these."""
+    keys = ("num_samples", "questions", "pass_at_1", "pass_at_n", "questions_with_correct")
+    return dict(model=model, **{k: manifest[k] for k in keys if k in manifest})
+
+
 def _entry(iteration: int, stage: str, model: str, manifests: list[dict]) -> dict:
     return {
         "iteration": iteration, "stage": stage, "model": model,
@@ -203,28 +214,28 @@ def setup(config, workdir: str, config_path: str) -> Run:
     memory_plan = plan.plan(config, dict(mesh.shape), None)
     plan.check_fits(memory_plan)  # refuse, with the numbers, a run that cannot fit in device memory
     task = load_task(config, workdir)
-    base = load_base_model(config, task, mesh, rules)
-    log.info("run %s: %s, %d train questions, eval sets %s, mesh %s", workdir, base.source,
-                 len(task.train), {k: len(v) for k, v in task.eval_sets.items()}, dict(mesh.shape))
-    return Run(config, rundir, task, base, mesh, rules)
+    base, pretrain_info = load_base_model(config, task, mesh, rules)
+    log.info("run %s: %s, %d train questions (%d labeled), eval sets %s, mesh %s", workdir, base.source,
+             len(task.train), sum(1 for ex in task.train if ex.answer),
+             {k: len(v) for k, v in task.eval_sets.items()}, dict(mesh.shape))
+    return Run(config, rundir, task, base, mesh, rules, pretrain_info)
 
 
-def load_base_model(config, task: Task, mesh, rules) -> ModelBundle:
-    """M0: a pre-trained checkpoint, or (source=scratch) a random init with the task's tokenizer."""
+def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
+    """M0 and, for source=pretrain, its pre-training record: a pre-trained checkpoint, the
+    synthetic pre-training (cached), or (source=scratch) a random init with the task's tokenizer."""
     source = config.model.source
+    if source == "pretrain":
+        return pretrain.pretrained_m0(config, mesh, rules)
     if source == "scratch":
         from dpost.data import synthetic
 
         if task.tokenizer_dir is None:
             raise ValueError("config field 'model.source' = scratch needs data.source = synthetic (its tokenizer)")
         tokenizer = synthetic.load_tokenizer(task.tokenizer_dir)
-        family = models.get_family(config.model.family)
-        fields = {k: v for k, v in dict(config.model.scratch).items() if k != "tokenizer_vocab_size"}
-        model_config = family.config_class()(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat, **fields,
-        )
-        return models.init_random(family.name, model_config, tokenizer, seed=config.seed, mesh=mesh, rules=rules)
+        model_config = pretrain.scratch_model_config(config, tokenizer)
+        return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, mesh=mesh,
+                                  rules=rules), None
     bundle = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
     if config.model.family and bundle.family != config.model.family:
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
@@ -233,7 +244,7 @@ def load_base_model(config, task: Task, mesh, rules) -> ModelBundle:
     if config.model.remat:
         bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=True))
         bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
-    return bundle
+    return bundle, None
 
 
 def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:

@@ -199,9 +199,9 @@ def resolve_model(config) -> ModelSpec:
 
     m = config.model
     source = str(m.source)
-    if source == "scratch":
+    if source in ("scratch", "pretrain"):
         if not m.family:
-            raise ValueError("model.source=scratch needs model.family (llama | t5)")
+            raise ValueError(f"model.source={source} needs model.family (llama | t5)")
         cfg, family, origin = _scratch_config(m.family, m.scratch), m.family, "config.model.scratch"
     else:
         scheme, _, location = source.partition(":")

@@ -18,9 +18,11 @@ def final_entry(stages: Sequence[dict]) -> dict:
     return {"model": last["model"], "eval": last.get("eval", {})}
 
 
-def write_results(workdir: epath.Path, config_path: str, method: str, seed: int, stages: list[dict]) -> dict:
+def results_document(config_path: str, method: str, seed: int, stages: list[dict], pretrain: dict | None = None) -> dict:
+    """results.json (design.md schema); `pretrain`: M0's pre-training, reported apart from the stages."""
     results = {"config": config_path, "method": method, "seed": seed, "stages": stages, "final": final_entry(stages)}
-    write_json_atomic(workdir / "results.json", results)
+    if pretrain is not None:
+        results["pretrain"] = pretrain
     return results
 
 

@@ -144,8 +144,9 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
     tokens = sum(row.get("prompt_tokens", 0) + sum(len(x["token_ids"]) for x in row["samples"])
                  for path in stage.path.glob("shard_*.jsonl") for row in read_jsonl(path))
     n_samples = len(examples) * scfg.num_samples
-    return stage.finish(questions=len(examples), samples=n_samples, flops=2.0 * num_params(bundle.params) * tokens,
-                        shards=len(shards))
+    rates = builders.pass_rates(question_samples(examples, [read_samples(stage)]))
+    return stage.finish(samples=n_samples, num_samples=scfg.num_samples, flops=2.0 * num_params(bundle.params) * tokens,
+                        shards=len(shards), **rates)
 
 
 def _maybe_kill(stage: StageDir, shard: int) -> None:
@@ -174,13 +175,26 @@ def question_samples(examples: Sequence[Example], rounds: Sequence[dict[str, lis
 
 # -- preference pairs and pseudo-labels ------------------------------------------------------------
 
-def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: str, cfg, stage: StageDir) -> dict:
+SIMILARITIES = ("subword", "words")
+
+
+def similarity_tokens(similarity: str, tokenizer) -> builders.Tokenize | None:
+    """The tokens of the builders' Jaccard similarity: the model tokenizer's sub-word pieces (the
+    release's rule) or whitespace words (None)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return tokenizer.tokenize if similarity == "subword" else None
+
+
+def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: str, cfg, stage: StageDir,
+                tokenizer) -> dict:
     """Builds pairs; each side carries the reference's summed log-prob and token ids when it was
     sampled by the reference model itself (this round), so DPO needs no second pass for it."""
     stage.start()
     pairs = builders.build_pairs(question_samples(examples, rounds), family,
                                  max_pairs_per_question=cfg.pairs.max_per_question,
-                                 dedup_threshold=cfg.pairs.dedup_threshold)
+                                 dedup_threshold=cfg.pairs.dedup_threshold,
+                                 tokenize=similarity_tokens(cfg.pairs.similarity, tokenizer))
     harvested = {}
     for qid, samples in current_round.items():
         for s in samples:
@@ -199,19 +213,22 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
     return stage.finish(pairs=len(pairs), questions_with_pairs=with_negative, questions=len(examples))
 
 
-def labels_stage(examples, rounds, family: str, cfg, stage: StageDir) -> dict:
+def labels_stage(examples, rounds, family: str, cfg, stage: StageDir, tokenizer) -> dict:
     stage.start()
     labels = builders.build_pseudo_labels(question_samples(examples, rounds), family,
                                           dedup_threshold=cfg.pseudo_labels.dedup_threshold,
-                                          cap_percentile=cfg.pseudo_labels.cap_percentile)
+                                          cap_percentile=cfg.pseudo_labels.cap_percentile,
+                                          tokenize=similarity_tokens(cfg.pseudo_labels.similarity, tokenizer))
     if jax.process_index() == 0:
         write_jsonl_atomic(stage.path / "labels.jsonl", [dataclasses.asdict(l) for l in labels])
-    questions = len({l.id for l in labels})
-    return stage.finish(pseudo_labels=len(labels), questions=questions, beyond_gold=len(labels) - questions)
+    questions = {l.id for l in labels}
+    gold = sum(1 for ex in examples if ex.answer and ex.id in questions)  # each labeled question keeps its gold
+    return stage.finish(pseudo_labels=len(labels), questions=len(questions), beyond_gold=len(labels) - gold)
 
 
 def gold_labels(examples: Sequence[Example], family: str) -> list[tuple[str, str]]:
-    return [formatting.format_example(family, ex) for ex in examples]
+    """The warm-up's training set: the questions that keep their gold rationale (`data.labeled`)."""
+    return [formatting.format_example(family, ex) for ex in examples if ex.answer]
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -341,12 +358,9 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
         step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
     data = distributed.HostBatches(training.ArrayIterator(arrays, batch_size, seed=seed))
 
-    n_eval = min(cfg.dpo.eval_pairs, len(items))
     eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules,
                                             logits_chunk=cfg.model.logits_chunk or None)
-    eval_batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n_eval, batch_size)]
-    eval_batches = [b for b in eval_batches if len(b["prompt"]) == batch_size] or eval_batches[:1]
-    eval_batches = [distributed.host_rows(b) for b in eval_batches]
+    eval_batches = [distributed.host_rows(b) for b in _eval_batches(arrays, cfg.dpo.eval_pairs, batch_size)]
 
     def eval_fn(st):
         return training.evaluate_dpo(eval_step, st.params, eval_batches,
@@ -370,6 +384,21 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
         eval={k: float(v) for k, v in last_eval.items() if k != "step"},
     )
     return trained, manifest
+
+
+def _eval_batches(arrays: dict[str, np.ndarray], n_eval: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The release's DPO eval set, exactly its first `n_eval` pairs, in batches of one shape: the
+    last batch is filled with copies of its last row marked invalid (`valid` 0, not counted)."""
+    n_eval = min(n_eval, len(arrays["prompt"]))
+    batches = []
+    for start in range(0, n_eval, batch_size):
+        batch = {k: v[start : min(start + batch_size, n_eval)] for k, v in arrays.items()}
+        short = batch_size - len(batch["prompt"])
+        if short:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
+            batch["valid"][-short:] = 0
+        batches.append(batch)
+    return batches
 
 
 def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Sequence[tuple[int, str]],

@@ -22,7 +22,7 @@ from etils import epath
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
 # Fields that may change between reruns without invalidating finished stages.
-RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every")
+RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.cache_dir")
 # Fields the warm-up (iteration 0: SFT_0 and its evaluation) does not depend on: runs of different
 # methods with one seed share SFT_0 (`dpost.compare` copies it instead of training it again).
 LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "sampling.pairs.", "sampling.labels.")

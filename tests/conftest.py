@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DATA_DIR = os.environ.get("DPOST_DATA_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Pre-trained M0s (dpost.pretrain) that tests build go to one temporary cache per test session,
+# shared with the subprocesses that tests start.
+os.environ.setdefault("DPOST_CACHE_DIR", tempfile.mkdtemp(prefix="dpost_test_cache_"))
 
 
 def require(condition: bool, what: str) -> None:

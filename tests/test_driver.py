@@ -34,10 +34,14 @@ TINY = [
     "--config.sampling.labels.num_samples=2",
     "--config.sampling.pairs.shard_questions=16",
     "--config.sampling.labels.shard_questions=16",
-    "--config.sampling.pairs.max_new_tokens=48",
-    "--config.sampling.labels.max_new_tokens=48",
-    "--config.sampling.eval.max_new_tokens=48",
+    "--config.sampling.pairs.max_new_tokens=64",
+    "--config.sampling.labels.max_new_tokens=64",
+    "--config.sampling.eval.max_new_tokens=64",
     "--config.model.logits_chunk=8",  # the chunked vocabulary head through SFT, DPO and resume
+    # M0: a few pre-training steps on a small corpus, built once per test session (conftest's cache)
+    "--config.pretrain.corpus.n=200",
+    "--config.pretrain.max_steps=30",
+    "--config.pretrain.batch_size=16",
 ]
 
 
@@ -89,6 +93,44 @@ def test_dpo_st_end_to_end(reference_run):
     # DPO used the sampler's log-probs for the reference's own samples.
     with open(os.path.join(reference_run, "iter_1", "dpo", "manifest.json")) as f:
         assert json.load(f)["harvested_reference_logps"] > 0
+
+
+def test_diagnostics_in_results(reference_run):
+    """Each iteration reports its samplers' pass rates and the pseudo-labels beyond gold."""
+    dpo, sft1 = load_results(reference_run)["stages"][1:]
+    assert dpo["sampled"]["model"] == "sft_0" and dpo["sampled"]["num_samples"] == 2
+    assert sft1["sampled"]["model"] == "dpo_1" and sft1["sampled"]["questions"] == 48
+    for entry in (dpo, sft1):
+        s = entry["sampled"]
+        assert 0 <= s["pass_at_1"] <= s["pass_at_n"] <= 1 and s["questions_with_correct"] == round(48 * s["pass_at_n"])
+    assert sft1["beyond_gold"] == sft1["pseudo_labels"] - 48
+    assert {"rewards/accuracies", "rewards/margins"} <= set(dpo["dpo_eval"])
+    pretrain = load_results(reference_run)["pretrain"]
+    assert pretrain["steps"] == 30 and pretrain["flops"] > 0
+
+
+def test_answer_only_questions_end_to_end(tmp_path):
+    """data.labeled=16: the warm-up trains on 16 gold rationales; sampling covers all 48 questions;
+    an answer-only question's labels are its correct samples only, never a gold rationale."""
+    run_main(tmp_path, "--config.method=dpo_st", "--config.data.labeled=16")
+    with open(os.path.join(tmp_path, "iter_0", "sft", "manifest.json")) as f:
+        assert json.load(f)["examples"] == 16
+    sampled = load_results(tmp_path)["stages"][1]["sampled"]
+    assert sampled["questions"] == 48
+    train = {}
+    with open(os.path.join(tmp_path, "data", "train.jsonl")) as f:
+        for i, line in enumerate(f):
+            train[f"train-{i}"] = json.loads(line)
+    labels = [json.loads(line) for line in open(os.path.join(tmp_path, "iter_1", "pseudo_labels", "labels.jsonl"))]
+    labeled = {f"train-{i}" for i in range(16)}
+    assert labeled <= {row["id"] for row in labels}  # every labeled question keeps its gold
+    for row in labels:
+        if row["id"] not in labeled:
+            assert row["target"] != train[row["id"]]["answer"]
+            assert row["target"].rstrip().endswith(f"#### {int(train[row['id']]['ans'])}")
+    gold_labels = sum(1 for row in labels if row["id"] in labeled and row["target"] == train[row["id"]]["answer"])
+    assert gold_labels == 16
+    assert load_results(tmp_path)["stages"][2]["beyond_gold"] == len(labels) - 16
 
 
 @pytest.mark.parametrize("method,stages", [("sft", [(0, "sft")]), ("st", [(0, "sft"), (1, "sft")])])

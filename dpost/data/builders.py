@@ -1,12 +1,15 @@
 """Preference pairs (for DPO_k) and pseudo-labels (for SFT_k) from sampled rationales.
 
 Implements the protocol sections "Preference pairs" and "Pseudo-labels" (the release's
-``utils/make_dpo_data.py`` and ``utils/make_rft_data.py``). Two documented differences, both for
-determinism and independence from a model tokenizer:
+``utils/make_dpo_data.py`` and ``utils/make_rft_data.py``):
 
-* Similarity is Jaccard over *token sets*. By default tokens are whitespace-separated words; the
-  release used the model tokenizer's sub-word ``tokenize``. Pass ``tokenize=tokenizer.tokenize``
-  to reproduce the release exactly.
+* Similarity is Jaccard over token sets. The driver passes the model tokenizer's sub-word
+  ``tokenize``, as the release does; without it (``tokenize=None``) tokens are whitespace words.
+* A question may be answer-only (``gold_rationale == ""``, `data.labeled`): its pairs need a correct
+  sample among the positives and its pseudo-labels are its correct samples, as the release's
+  ``make_rft_data.py`` treats questions without a gold rationale.
+* The pseudo-label cap is the percentile of the per-question counts over the questions that have
+  at least one label (the release skips the others before counting).
 * Among pairs with equal similarity the release's order came from ``random.shuffle``; here ties
   are broken by (positive index, negative index) after the gold-first, sorted order.
 """
@@ -29,7 +32,6 @@ Tokenize = Callable[[str], Sequence[str]]
 MAX_PAIRS_PER_QUESTION = 3
 DEDUP_THRESHOLD = 0.7
 CAP_PERCENTILE = 90
-DPO_EVAL_PAIRS = 320  # the first 320 pairs double as a small DPO eval set
 
 
 @dataclasses.dataclass
@@ -38,7 +40,7 @@ class QuestionSamples:
 
     id: str
     question: str
-    gold_rationale: str  # raw GSM8K rationale; formatted for the family when used
+    gold_rationale: str  # raw GSM8K rationale, formatted for the family when used; "" = answer-only
     gold: float
     samples: list[str] = dataclasses.field(default_factory=list)
 
@@ -72,21 +74,6 @@ def jaccard(a: frozenset[str] | set[str], b: frozenset[str] | set[str]) -> float
     return len(a & b) / union if union else 1.0
 
 
-def pool_samples(rounds: Iterable[Sequence[QuestionSamples]]) -> list[QuestionSamples]:
-    """Merge per-question samples of several models (current and earlier) by question id.
-
-    Question order and gold data come from the first round; samples are concatenated in round order.
-    """
-    merged: dict[str, QuestionSamples] = {}
-    for questions in rounds:
-        for q in questions:
-            if q.id in merged:
-                merged[q.id].samples.extend(q.samples)
-            else:
-                merged[q.id] = dataclasses.replace(q, samples=list(q.samples))
-    return list(merged.values())
-
-
 def _drop_near_duplicates(texts: Sequence[str], threshold: float, tokenize: Tokenize | None) -> list[str]:
     """Scan in order; drop a text whose Jaccard with an already kept one is > threshold."""
     kept: list[str] = []
@@ -99,12 +86,31 @@ def _drop_near_duplicates(texts: Sequence[str], threshold: float, tokenize: Toke
     return kept
 
 
+def _gold_first(q: QuestionSamples, family: str, correct: Sequence[str]) -> list[str]:
+    """Positives in the release's order: the formatted gold rationale (labeled questions) first,
+    then the distinct correct samples, sorted."""
+    gold = [formatting.format_target(family, q.gold_rationale)] if q.gold_rationale else []
+    return gold + sorted(set(correct))
+
+
 def split_samples(samples: Iterable[str], gold: float) -> tuple[list[str], list[str]]:
     """(correct, incorrect) samples; an answer that cannot be extracted counts as incorrect."""
     pos, neg = [], []
     for s in samples:
         (pos if is_correct(extract_answer(s), gold) else neg).append(s)
     return pos, neg
+
+
+def pass_rates(questions: Sequence[QuestionSamples]) -> dict:
+    """How good one model's samples are on the training questions: pass@1 (the mean fraction of
+    correct samples per question), pass@n (the fraction of questions with a correct sample among
+    its n), and the number of such questions. The paper's mechanism: DPO raises pass@n."""
+    correct = np.array([len(split_samples(q.samples, q.gold)[0]) for q in questions], np.float64)
+    total = np.array([max(1, len(q.samples)) for q in questions], np.float64)
+    if not len(questions):
+        return {"questions": 0, "pass_at_1": 0.0, "pass_at_n": 0.0, "questions_with_correct": 0}
+    return {"questions": len(questions), "pass_at_1": float(np.mean(correct / total)),
+            "pass_at_n": float(np.mean(correct > 0)), "questions_with_correct": int(np.sum(correct > 0))}
 
 
 def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
@@ -121,8 +127,10 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
         if not neg:
             skipped += 1
             continue
-        gold = formatting.format_target(family, q.gold_rationale)
-        pos = _drop_near_duplicates([gold] + sorted(set(pos)), dedup_threshold, tokenize)
+        pos = _drop_near_duplicates(_gold_first(q, family, pos), dedup_threshold, tokenize)
+        if not pos:  # answer-only question without a correct sample
+            skipped += 1
+            continue
         neg = _drop_near_duplicates(sorted(set(neg)), dedup_threshold, tokenize)
         pos_sets = [token_set(p, tokenize) for p in pos]
         neg_sets = [token_set(n, tokenize) for n in neg]
@@ -130,24 +138,9 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
                         for i, ps in enumerate(pos_sets) for j, ns in enumerate(neg_sets))
         pairs.extend(Pair(q.id, q.question, pos[i], neg[j])
                      for _, i, j in scored[:max_pairs_per_question])
-    log.info("preference pairs: %d from %d questions (%d skipped: no incorrect sample)",
+    log.info("preference pairs: %d from %d questions (%d skipped: no incorrect or no correct side)",
              len(pairs), len(questions) - skipped, skipped)
     return pairs
-
-
-def dpo_eval_pairs(pairs: Sequence[Pair], n: int = DPO_EVAL_PAIRS) -> list[Pair]:
-    """The release's DPO eval set: the first ``n`` pairs (they stay in the training set too)."""
-    return list(pairs[:n])
-
-
-def pair_texts(pairs: Sequence[Pair], family: str) -> list[tuple[str, str, str]]:
-    """(prompt_text, chosen, rejected) for ``pipeline.tokenize_pairs``."""
-    return [(formatting.format_prompt(family, p.prompt_question), p.chosen, p.rejected) for p in pairs]
-
-
-def label_texts(labels: Sequence[Label], family: str) -> list[tuple[str, str]]:
-    """(prompt_text, target) for ``pipeline.tokenize_examples``; targets are not reformatted."""
-    return [(formatting.format_prompt(family, l.question), l.target) for l in labels]
 
 
 def pseudo_label_cap(counts: Sequence[int], percentile: float = CAP_PERCENTILE) -> int:
@@ -162,15 +155,15 @@ def build_pseudo_labels(questions: Sequence[QuestionSamples], family: str, *,
                         dedup_threshold: float = DEDUP_THRESHOLD,
                         cap_percentile: float = CAP_PERCENTILE,
                         tokenize: Tokenize | None = None) -> list[Label]:
-    """Pseudo-labels: per question the formatted gold rationale then the distinct correct
-    samples (sorted), near-duplicates dropped, at most the ``cap_percentile``-th percentile of
-    the per-question counts. Every question keeps its gold rationale."""
+    """Pseudo-labels: per question the formatted gold rationale (if any) then the distinct correct
+    samples (sorted), near-duplicates dropped, at most the ``cap_percentile``-th percentile of the
+    per-question counts (over questions with a label). Every labeled question keeps its gold."""
     kept_per_question: list[tuple[QuestionSamples, list[str]]] = []
     for q in questions:
         pos, _ = split_samples(q.samples, q.gold)
-        gold = formatting.format_target(family, q.gold_rationale)
-        kept = _drop_near_duplicates([gold] + sorted(set(pos)), dedup_threshold, tokenize)
-        kept_per_question.append((q, kept))
+        kept = _drop_near_duplicates(_gold_first(q, family, pos), dedup_threshold, tokenize)
+        if kept:  # an answer-only question without a correct sample has no label
+            kept_per_question.append((q, kept))
     cap = pseudo_label_cap([len(k) for _, k in kept_per_question], cap_percentile)
     labels = [Label(q.id, q.question, t, q.gold) for q, kept in kept_per_question for t in kept[:cap]]
     log.info("pseudo-labels: %d for %d questions (cap %d per question)", len(labels), len(questions), cap)

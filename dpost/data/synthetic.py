@@ -1,20 +1,26 @@
 """A synthetic multi-step arithmetic task written as GSM8K rows (the CPU default).
 
-Each problem: a person starts with some items, then 2-4 operations change the count; the
-rationale has one GSM8K-style equation line per step (``a+b=<<a+b=r>>r``) and a final ``#### N``. Few
-templates, names and items, and integer results only, so a tiny model can learn it in minutes and
-the whole DPO-ST loop (sampling, calculator, pairs, pseudo-labels) runs on a laptop.
+Each problem: a person starts with some items, then 1-4 operations change the count. The
+rationale (``Difficulty.style``) is either
 
-A question has several correct rationales, as GSM8K questions do: the operands of ``+`` and ``*``
-are written in either order (``12+5`` or ``5+12``), the gold rationale picking one at random per
-line (``Difficulty.commute``). Self-training needs this: with one correct way to write every
-solution, each correct sample equals the gold rationale, the protocol's Jaccard de-duplication drops
-it, and the pseudo-label set is the gold set again (measured: README, "CPU default").
+* ``sentences`` (default): one sentence per step in one of several phrasings, each with a
+  GSM8K-style calculator annotation (``so Ava has 12+5=<<12+5=17>>17 apples.``), an optional
+  opening sentence that restates the start and an optional closing sentence before ``#### N``; or
+* ``equations``: one bare equation line per step (``12+5=<<12+5=17>>17``).
+
+Why sentences: the protocol's builders drop a correct sample as a near-duplicate when its sub-word
+token set overlaps an already kept one by more than 0.7 (Jaccard). Equation-only rationales of one
+question share almost every token, so every correct sample collapses onto the gold rationale and
+self-training adds no data (measured: README, "CPU default"); phrasings in words make distinct
+correct rationales distinct, as GSM8K's are. The operands of ``+`` and ``*`` may also be written in
+either order (``Difficulty.commute``).
 
 ``make_splits`` draws held-out sets first, then train, from one seeded stream and removes duplicate
 questions across all splits, so held-out questions never appear in train and test/dev do not
-change when ``n_train`` does. ``train_tokenizer`` builds a small byte-level BPE tokenizer (digits
-split one per token) that round-trips the text exactly.
+change when ``n_train`` does. ``make_corpus`` draws the pre-training corpus of the CPU default's
+M0 (``dpost.pretrain``) with other names than the task's, so no corpus question is a task question.
+``train_tokenizer`` builds a small byte-level BPE tokenizer (digits split one per token) that
+round-trips the text exactly.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from typing import Iterable, Sequence
 from dpost.data.gsm8k import Example
 
 NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy")
+CORPUS_NAMES = ("Hal", "Jo", "Kim", "Lu", "Max", "Ned", "Oli", "Pam")  # pre-training corpus only
 ITEMS = ("apple", "marble", "book", "coin", "shell", "card", "pencil", "sticker")
 OPS = ("+", "-", "*", "/")
+STYLES = ("sentences", "equations")
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
 PAD, BOS, EOS, UNK = SPECIAL_TOKENS
@@ -50,6 +58,7 @@ class Difficulty:
     max_value: int = 999
     ops: tuple[str, ...] = OPS
     commute: float = 0.5  # probability that a + or * line writes its operands as k op x
+    style: str = "sentences"  # rationale style: sentences | equations (see the module doc)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -62,6 +71,8 @@ class Difficulty:
             raise ValueError("max_value must be >= max_start and max_operand")
         if not 0.0 <= self.commute <= 1.0:
             raise ValueError(f"commute is a probability in [0, 1], got {self.commute}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
 
 
 # op -> question sentence. Fields: n (name), i (item), k (operand).
@@ -74,14 +85,51 @@ _QUESTION_TEMPLATES = {
 COMMUTATIVE = ("+", "*")
 
 
-def rationale_line(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
-    """One step's line, terse (the equation only) so a tiny model's sequences stay short: choosing
-    the operation and operands is the reasoning the model must learn. ``swap`` writes ``k op x``
-    (only for commutative operations)."""
+# op -> phrasings of a rationale step. Fields: n (name), i (item), k (operand), eq (the annotated
+# equation). Each phrasing words the step differently, so rationales that choose different
+# phrasings share few sub-word tokens beyond the numbers.
+_STEP_PHRASINGS = {
+    "+": ("{n} gets {k} more, so {n} has {eq} {i}s.",
+          "After getting {k} more {i}s, the count is {eq}.",
+          "Adding the {k} new ones gives {eq}."),
+    "-": ("{n} gives away {k}, so {n} has {eq} {i}s.",
+          "After giving {k} {i}s away, the count is {eq}.",
+          "Taking away {k} leaves {eq}."),
+    "*": ("{n} has {k} times as many, so {n} has {eq} {i}s.",
+          "With {k} times as many {i}s, the count is {eq}.",
+          "Multiplying by {k} gives {eq}."),
+    "/": ("{n} keeps one of {k} equal piles, so {n} has {eq} {i}s.",
+          "After splitting the {i}s into {k} piles, the count is {eq}.",
+          "Dividing by {k} leaves {eq}."),
+}
+_OPENINGS = ("{n} starts with {x} {i}s.", "At first there are {x} {i}s.")
+_CLOSINGS = ("In the end {n} has {x} {i}s.", "So the answer is {x}.")
+
+
+def equation(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
+    """A step's annotated equation ``x op k=<<x op k=r>>r``; ``swap`` writes ``k op x`` (only for
+    commutative operations)."""
     if swap and op not in COMMUTATIVE:
         raise ValueError(f"operation {op!r} does not commute")
     expr = f"{k}{op}{x}" if swap else f"{x}{op}{k}"
     return f"{expr}=<<{expr}={r}>>{r}"
+
+
+def rationale_line(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
+    """One step's line in the ``equations`` style: the equation only."""
+    return equation(op, x, k, r, swap)
+
+
+def _sentence_rationale(rng: random.Random, name: str, item: str, start: int,
+                        steps: Sequence[tuple[str, int, int, int, bool]]) -> list[str]:
+    """One ``sentences``-style rationale: optional opening, a phrasing per step, optional closing."""
+    fields = {"n": name, "i": item}
+    lines = [rng.choice(_OPENINGS).format(x=start, **fields)] if rng.random() < 0.5 else []
+    for op, x, k, r, swap in steps:
+        lines.append(rng.choice(_STEP_PHRASINGS[op]).format(k=k, eq=equation(op, x, k, r, swap), **fields))
+    if rng.random() < 0.5:
+        lines.append(rng.choice(_CLOSINGS).format(x=steps[-1][3] if steps else start, **fields))
+    return lines
 
 
 def _step(rng: random.Random, x: int, d: Difficulty) -> tuple[str, int, int] | None:
@@ -108,14 +156,14 @@ def _step(rng: random.Random, x: int, d: Difficulty) -> tuple[str, int, int] | N
     return op, k, r
 
 
-def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> dict:
+def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty(), names: Sequence[str] = NAMES) -> dict:
     """One GSM8K-format row: ``{"question", "answer", "ans"}``."""
     d = difficulty
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    x = rng.randint(2, d.max_start)
+    name, item = rng.choice(names), rng.choice(ITEMS)
+    start = x = rng.randint(2, d.max_start)
     fields = {"n": name, "i": item}
     question = [f"{name} has {x} {item}s."]
-    lines = []
+    steps = []
     for _ in range(rng.randint(d.min_steps, d.max_steps)):
         step = _step(rng, x, d)
         if step is None:
@@ -123,9 +171,13 @@ def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> d
         op, k, r = step
         question.append(_QUESTION_TEMPLATES[op].format(k=k, **fields))
         swap = d.commute > 0 and op in COMMUTATIVE and rng.random() < d.commute  # commute=0: no draw
-        lines.append(rationale_line(op, x, k, r, swap))
+        steps.append((op, x, k, r, swap))
         x = r
     question.append(f"How many {item}s does {name} have now?")
+    if d.style == "sentences":
+        lines = _sentence_rationale(rng, name, item, start, steps)
+    else:
+        lines = [equation(op, a, k, r, swap) for op, a, k, r, swap in steps]
     lines.append(f"#### {x}")
     return {"question": " ".join(question), "answer": "\n".join(lines), "ans": float(x)}
 
@@ -155,6 +207,22 @@ def make_splits(seed: int, n_train: int, n_dev: int, n_test: int,
             rows.append(Example(row["question"], row["answer"], row["ans"], f"{split}-{len(rows)}"))
         out[split] = rows
     return {s: out[s] for s in ("train", "dev", "test")}
+
+
+def make_corpus(seed: int, n: int, difficulty: Difficulty) -> list[Example]:
+    """``n`` distinct problems for pre-training: the task's generator with ``CORPUS_NAMES``, so no
+    corpus question can equal a question of the task's splits (whose names are ``NAMES``)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[Example] = []
+    for _ in range(20 * n + 100):
+        if len(rows) == n:
+            return rows
+        row = make_problem(rng, difficulty, CORPUS_NAMES)
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            rows.append(Example(row["question"], row["answer"], row["ans"], f"corpus-{len(rows)}"))
+    raise ValueError(f"synthetic corpus too small for {n} unique questions; raise the difficulty ranges")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | Example]) -> None:

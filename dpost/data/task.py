@@ -25,6 +25,16 @@ class Task:
     tokenizer_dir: str | None = None  # synthetic: the tokenizer trained on the task text
 
 
+def answer_only_after(examples: list[Example], labeled: int) -> list[Example]:
+    """`data.labeled`: the first `labeled` questions keep their gold rationale, the others keep
+    only the final answer (`answer` ""); 0 keeps every rationale."""
+    if labeled < 0:
+        raise ValueError(f"config field 'data.labeled' must be >= 0, got {labeled}")
+    if not labeled:
+        return examples
+    return examples[:labeled] + [dataclasses.replace(ex, answer="") for ex in examples[labeled:]]
+
+
 def _take(examples: list[Example], n: int) -> list[Example]:
     return examples[:n] if n and n > 0 else examples
 
@@ -78,7 +88,7 @@ def load_task(config, workdir: str) -> Task:
         eval_sets[name] = ood.load_ood(name, path)
     n = config.data.max_eval
     return Task(
-        _take(task.train, config.data.max_train),
+        answer_only_after(_take(task.train, config.data.max_train), config.data.labeled),
         {k: _take(v, n) for k, v in eval_sets.items()},
         task.tokenizer_dir,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import data_dir
+from dpost import stages
 from dpost.data import builders, formatting, gsm8k
 from dpost.data.builders import Label, Pair, QuestionSamples, build_pairs, build_pseudo_labels, jaccard, token_set
 
@@ -69,17 +70,19 @@ def test_near_duplicate_threshold_is_strict():
     assert [l.target for l in labels] == [gold, s_edge, s_far]
 
 
-def test_pooling_merges_rounds_by_question():
-    r1 = [q(["A #### 1"], qid="q1"), q(["B #### 2"], qid="q2", gold=2.0)]
-    r2 = [q(["C #### 5"], qid="q2", gold=2.0), q(["D #### 3"], qid="q1")]
-    pooled = builders.pool_samples([r1, r2])
-    assert [(x.id, x.samples) for x in pooled] == [("q1", ["A #### 1", "D #### 3"]), ("q2", ["B #### 2", "C #### 5"])]
-    assert r1[0].samples == ["A #### 1"]  # inputs are not mutated
-    # Neither question has a negative in round 1 alone; pooled, each has one negative and two
-    # positives (its gold, then its correct sample): 2 pairs each.
-    assert build_pairs(r1, "llama") == []
+def test_production_pooling_merges_rounds_by_question():
+    """stages.question_samples pools the sampled texts of several rounds per question, in round order."""
+    ex = [gsm8k.Example("Q1?", "g1 #### 1", 1.0, "q1"), gsm8k.Example("Q2?", "", 2.0, "q2")]
+    r1 = {"q1": [{"text": "A #### 1"}], "q2": [{"text": "B #### 2"}]}
+    r2 = {"q2": [{"text": "C #### 5"}], "q1": [{"text": "D #### 3"}, {"text": "E #### 1"}]}
+    pooled = stages.question_samples(ex, [r1, r2])
+    assert [(x.id, x.gold_rationale, x.samples) for x in pooled] == [
+        ("q1", "g1 #### 1", ["A #### 1", "D #### 3", "E #### 1"]), ("q2", "", ["B #### 2", "C #### 5"])]
+    assert stages.question_samples(ex, [])[0].samples == []
+    # Neither question has a negative in round 1 alone; pooled, q1 has gold + 2 correct vs 1 wrong.
+    assert build_pairs(stages.question_samples(ex, [r1]), "llama") == []
     pairs = build_pairs(pooled, "llama")
-    assert [(p.id, p.rejected) for p in pairs] == [("q1", "D #### 3")] * 2 + [("q2", "C #### 5")] * 2
+    assert [(p.id, p.rejected) for p in pairs] == [("q1", "D #### 3")] * 3 + [("q2", "C #### 5")]
 
 
 @pytest.mark.parametrize("counts,cap", [([1] * 10, 1), (list(range(1, 11)), 9), ([3, 3, 3], 3), ([], 1), ([1, 1, 1, 1, 1, 1, 1, 1, 1, 50], 5)])
@@ -102,15 +105,33 @@ def test_pseudo_labels_cap_and_gold_first():
     assert [l.target for l in per_q["q10"]][1:] == sorted(f"s10x{j} t10x{j} #### 10" for j in range(9))[:8]
 
 
-def test_texts_for_the_pipeline():
-    pair, label = Pair("q1", "Q?", "c", "r"), Label("q1", "Q?", "t #### 1", 1.0)
-    assert builders.pair_texts([pair], "t5") == [("Q?", "c", "r")]
-    assert builders.label_texts([label], "llama") == [(formatting.format_prompt("llama", "Q?"), "t #### 1")]
+def test_pass_rates():
+    qs = [q(["x #### 1", "y #### 2", "z #### 1", "w"]), q(["#### 3", "#### 3"], gold=2.0, qid="q2"), q([], qid="q3")]
+    rates = builders.pass_rates(qs)
+    # per-question correct fractions 2/4, 0/2, 0 (no samples): pass@1 = (0.5 + 0 + 0) / 3
+    assert rates == {"questions": 3, "pass_at_1": 0.5 / 3, "pass_at_n": 1 / 3, "questions_with_correct": 1}
 
 
-def test_dpo_eval_pairs_are_the_first_320():
-    pairs = [Pair(str(i), "q", "c", "r") for i in range(500)]
-    assert builders.dpo_eval_pairs(pairs) == pairs[:320]
+def test_answer_only_questions():
+    """No gold rationale (data.labeled): pairs need a correct sample, labels are the correct samples."""
+    only_wrong = q(["x y #### 2", "I do not know"], gold_rationale="")
+    assert build_pairs([only_wrong], "llama") == []
+    assert build_pseudo_labels([only_wrong], "llama") == []
+    mixed = q(["p q r #### 1", "x y #### 2", "p q r #### 1"], gold_rationale="", qid="q2")
+    assert build_pairs([mixed], "llama") == [Pair("q2", "Q?", "p q r #### 1", "x y #### 2")]
+    labeled = q(["s t #### 1", "u v w #### 1"], qid="q3")
+    labels = build_pseudo_labels([only_wrong, mixed, labeled], "llama", cap_percentile=100)
+    assert [(l.id, l.target) for l in labels] == [("q2", "p q r #### 1"), ("q3", "a b c #### 1"),
+                                                  ("q3", "s t #### 1"), ("q3", "u v w #### 1")]
+
+
+def test_cap_counts_only_questions_with_labels():
+    """The release's make_rft_data skips a question with neither gold nor correct sample before the
+    percentile: nine questions without labels must not pull the cap down to 1."""
+    empty = [q(["#### 9"], gold_rationale="", qid=f"e{i}") for i in range(9)]
+    three = q(["k l #### 1", "m n #### 1"], qid="full")
+    labels = build_pseudo_labels(empty + [three], "llama")
+    assert len(labels) == 3
 
 
 def test_small_real_sample():
