@@ -70,10 +70,12 @@ def test_difficulty_knobs():
         synthetic.make_splits(0, 500, 0, 0, Difficulty(max_start=2, min_steps=1, max_steps=1, ops=("+",), max_operand=1))
 
 
-def test_questions_have_several_correct_rationales(splits):
-    """Operands of + and * appear in both orders in the gold rationales, so a correct sample can
-    differ from the gold one and survive the protocol's Jaccard de-duplication as a pseudo-label."""
+def test_equation_rationales_commute():
+    """Equation style: operands of + and * appear in both orders in the gold rationales, so a correct
+    sample can differ from the gold one (under whitespace-word Jaccard it survives de-duplication)."""
     from dpost.data import builders
+
+    splits = synthetic.make_splits(seed=7, n_train=400, n_dev=50, n_test=50, difficulty=Difficulty(style="equations"))
 
     def steps(ex):  # (x, op, k, r, line) per equation line, x being the running count before it
         x = int(re.match(r"\w+ has (\d+)", ex.question).group(1))
@@ -103,7 +105,7 @@ def test_questions_have_several_correct_rationales(splits):
 def test_commute_zero_writes_one_order():
     rng = random.Random(3)
     for _ in range(200):
-        row = synthetic.make_problem(rng, Difficulty(commute=0.0, max_start=20, max_value=200))
+        row = synthetic.make_problem(rng, Difficulty(commute=0.0, max_start=20, max_value=200, style="equations"))
         x = int(re.match(r"\w+ has (\d+)", row["question"]).group(1))
         for line in row["answer"].splitlines()[:-1]:  # each line starts from the running count
             assert line.startswith(f"{x}")
@@ -112,6 +114,31 @@ def test_commute_zero_writes_one_order():
         Difficulty(commute=1.5)
     with pytest.raises(ValueError, match="does not commute"):
         synthetic.rationale_line("-", 5, 2, 3, swap=True)
+
+
+def test_sentence_rationales(splits):
+    """Default style: one sentence per step, each with its annotated equation from the running
+    count, in several phrasings; optional opening and closing sentences; the last line #### N."""
+    phrasings, openings, closings = set(), 0, 0
+    for ex in splits["train"]:
+        lines = ex.answer.splitlines()
+        assert lines[-1] == f"#### {int(ex.gold)}"
+        x = int(re.match(r"\w+ has (\d+)", ex.question).group(1))
+        body = [line for line in lines[:-1] if "<<" in line]
+        assert len(body) == len(re.findall(r"Then ", ex.question))  # one sentence per question step
+        for line in body:
+            expr = re.search(r"(\d+[-+*/]\d+)=<<\1=(\d+)>>\2", line)
+            assert expr and str(x) in expr.group(1).split(re.search(r"[-+*/]", expr.group(1)).group())
+            assert line.endswith(".") and line[0].isupper()
+            phrasings.add(re.sub(r"\d+[-+*/]\d+=<<.*>>\d+", "EQ", re.sub(r"\b(\d+|[A-Z][a-z]+|\w+s)\b", "_", line)))
+            x = int(expr.group(2))
+        extra = [line for line in lines[:-1] if "<<" not in line]
+        openings += bool(extra) and extra[0] == lines[0]
+        closings += bool(extra) and extra[-1] == lines[-2]
+    assert len(phrasings) >= 10  # several phrasings per operation
+    assert 0.3 < openings / len(splits["train"]) < 0.7 and 0.3 < closings / len(splits["train"]) < 0.7
+    with pytest.raises(ValueError, match="style"):
+        Difficulty(style="prose")
 
 
 def test_write_splits_round_trip(splits, tmp_path):
