@@ -18,7 +18,6 @@ before the final comparison ran seeds 3-7 on test with this file unchanged:
   greedy dev accuracy (47% vs SFT_0's 41.5%; 5e-5 fell to 28%) and whose samples had the highest
   pass@n on the training questions (35.6% vs 33.2% for SFT_0's samples).
 """
-"""
 
 from dpost import defaults
 
