@@ -1,0 +1,140 @@
+"""Paired statistics for comparing two methods run on the same seeds and the same test questions.
+
+Inputs are correctness arrays of shape [seeds, questions] (1 = correct), one per method, rows paired
+by seed and columns by question. Two 95% intervals for the mean accuracy difference A - B:
+
+* paired t over seeds: the per-seed accuracy differences with Student's t (seeds - 1 degrees of
+  freedom). It treats the test set as fixed and needs two seeds or more.
+* hierarchical bootstrap over seeds and questions (the primary one): each resample draws seeds with
+  replacement and, independently, test questions with replacement, the same draws for both methods;
+  the statistic is the mean over the drawn seeds of the accuracy difference on the drawn questions,
+  and the interval is the 2.5-97.5 percentile range. It counts both sources of chance: training
+  randomness (seeds) and the finite test set (questions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+_CHUNK = 500  # resamples per vectorised block: bounds memory at ~chunk x questions counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A mean with its interval; low/high are None where the interval is undefined (one seed, t)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    method: str
+
+    def scaled(self, factor: float) -> "Interval":
+        low, high = (None, None) if self.low is None else (self.low * factor, self.high * factor)
+        return Interval(self.mean * factor, low, high, self.method)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """Student t interval for the mean of `values`: mean ± t_{(1+level)/2, n-1} · sd / √n."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return Interval(mean, None, None, "t over seeds")
+    half = scipy_stats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+    return Interval(mean, float(mean - half), float(mean + half), "t over seeds")
+
+
+def _paired(correct_a, correct_b) -> np.ndarray:
+    a = np.asarray(correct_a, dtype=np.float64)
+    b = np.asarray(correct_b, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired correctness arrays must have one non-empty shape [seeds, questions], "
+                         f"got {a.shape} and {b.shape}")
+    return a - b
+
+
+def paired_t_interval(correct_a, correct_b, level: float = LEVEL) -> Interval:
+    """t interval over seeds of acc_A - acc_B, each seed's accuracy the mean over its questions."""
+    return t_interval(_paired(correct_a, correct_b).mean(axis=1), level)
+
+
+def _resample_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
+    """[rows, n]: how often each of n items is drawn in each row of n draws with replacement."""
+    draws = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+    return np.bincount(draws.ravel(), minlength=rows * n).reshape(rows, n)
+
+
+def bootstrap_differences(correct_a, correct_b, resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """[resamples] bootstrap replicates of the mean difference (seeds and questions drawn as above)."""
+    diff = _paired(correct_a, correct_b)
+    num_seeds, num_questions = diff.shape
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, resamples, _CHUNK):
+        rows = min(_CHUNK, resamples - start)
+        seed_counts = _resample_counts(rng, num_seeds, rows)
+        question_counts = _resample_counts(rng, num_questions, rows)
+        # sum over drawn seeds s and drawn questions q of diff[s, q], by multiplicities
+        totals = ((seed_counts @ diff) * question_counts).sum(axis=1)
+        out.append(totals / (num_seeds * num_questions))
+    return np.concatenate(out)
+
+
+def paired_bootstrap_interval(correct_a, correct_b, resamples: int = BOOTSTRAP_RESAMPLES,
+                              seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> Interval:
+    """Percentile interval of the hierarchical bootstrap; the mean is the observed mean difference."""
+    replicates = bootstrap_differences(correct_a, correct_b, resamples, seed)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return Interval(float(_paired(correct_a, correct_b).mean()), float(low), float(high),
+                    "bootstrap over seeds and questions")
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
+
+def pair_verdict(a: str, b: str, interval: Interval) -> str:
+    """'a > b' or 'a < b' when the interval of a - b excludes zero, else 'no difference'."""
+    if interval.low is None:
+        return "no interval"
+    if interval.low > 0:
+        return f"{a} > {b}"
+    if interval.high < 0:
+        return f"{a} < {b}"
+    return "no difference"
+
+
+def describe(interval: Interval, unit: str = "points", digits: int = 1) -> str:
+    """'+3.0 points, 95% CI [0.5, 6.1]' (the interval's level is the module's LEVEL)."""
+    if interval.low is None:
+        return f"{interval.mean:+.{digits}f} {unit}, no interval (one seed)"
+    return (f"{interval.mean:+.{digits}f} {unit}, {100 * LEVEL:.0f}% CI "
+            f"[{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]")
+
+
+def ordering_verdict(chain: Sequence[str], intervals: Mapping[tuple[str, str], Interval],
+                     unit: str = "points", digits: int = 1) -> tuple[bool, str]:
+    """Whether chain[0] > chain[1] > ... holds: each adjacent difference's interval lies above zero.
+
+    `intervals[(a, b)]` is the interval of a - b for each adjacent pair. A difference whose interval
+    contains zero is reported as "no difference"; one below zero as the reverse ordering.
+    """
+    claim = " > ".join(chain)
+    parts, holds = [], True
+    for a, b in zip(chain, chain[1:]):
+        interval = intervals[(a, b)]
+        verdict = pair_verdict(a, b, interval)
+        holds = holds and verdict == f"{a} > {b}"
+        if verdict in ("no difference", "no interval"):
+            verdict = f"{a} vs {b}: {verdict}" + (" (interval contains zero)" if verdict == "no difference" else "")
+        parts.append(f"{verdict} ({describe(interval, unit, digits)})")
+    return holds, f"Ordering {claim}: {'holds' if holds else 'does not hold'}. " + "; ".join(parts) + "."
