@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from dpost import stats
 from dpost.workdir import write_json_atomic, write_text_atomic
 
 
@@ -47,7 +48,68 @@ def markdown_report(results: dict) -> str:
     final = results["final"]
     out.write(f"\nFinal model: `{final['model']}`: "
               + ", ".join(f"{s} {100 * v['accuracy']:.1f}% (n={v['n']})" for s, v in final["eval"].items()) + "\n")
+    rows = diagnostics_rows(results)
+    if rows:
+        out.write("\n## Sampling diagnostics per iteration\n\n" + DIAGNOSTICS_NOTE + "\n\n" + diagnostics_table(rows))
     return out.getvalue()
+
+
+# -- per-iteration sampling diagnostics (the mechanism DPO-ST relies on) ----------------------------
+
+DIAGNOSTICS_NOTE = (
+    "Each row is a stage trained on samples: who sampled them (`samples from`, n per training question), "
+    "pass@1 (mean fraction of correct samples per question) and pass@n (questions with at least one "
+    "correct sample) on the training questions, the pairs or pseudo-labels built from them (beyond gold: "
+    "pseudo-labels besides the gold rationales), and DPO's reward accuracy and margin on its eval pairs. "
+    "DPO-ST works if DPO_k's samples beat SFT_{k-1}'s: higher pass@n and more "
+    "pseudo-labels beyond gold than ST's at the same iteration. Blank: not recorded (older run) or not "
+    "applicable.")
+
+def _count(x) -> str:
+    return f"{x:.1f}" if x != int(x) else str(int(x))  # means over seeds may be fractional
+
+
+def _percent(x) -> str:
+    return f"{100 * x:.1f}"
+
+
+# (column header, row key, format) of the diagnostics table after its leading columns
+_DIAGNOSTIC_COLUMNS = (
+    ("samples from", "sampled_by", str), ("n", "num_samples", _count), ("pass@1 %", "pass_at_1", _percent),
+    ("pass@n %", "pass_at_n", _percent), ("questions with a correct sample", "questions_with_correct", _count),
+    ("pairs", "pairs", _count), ("pseudo-labels", "pseudo_labels", _count), ("beyond gold", "beyond_gold", _count),
+    ("DPO reward acc %", "reward_accuracy", _percent), ("DPO reward margin", "reward_margin", "{:.3f}".format),
+)
+NUMERIC_DIAGNOSTICS = tuple(key for _, key, _ in _DIAGNOSTIC_COLUMNS if key != "sampled_by")
+
+
+def diagnostics_rows(results: dict) -> list[dict]:
+    """One row per DPO or SFT stage after the warm-up; fields absent from results.json are None."""
+    rows = []
+    for st in results["stages"]:
+        if st["iteration"] < 1 or st["stage"] not in ("dpo", "sft"):
+            continue
+        sampled, dpo_eval = st.get("sampled") or {}, st.get("dpo_eval") or {}
+        rows.append({
+            "iteration": st["iteration"], "trains": st["model"], "sampled_by": sampled.get("model"),
+            "num_samples": sampled.get("num_samples"), "questions": sampled.get("questions"),
+            "pass_at_1": sampled.get("pass_at_1"), "pass_at_n": sampled.get("pass_at_n"),
+            "questions_with_correct": sampled.get("questions_with_correct"), "pairs": st.get("pairs"),
+            "pseudo_labels": st.get("pseudo_labels"), "beyond_gold": st.get("beyond_gold"),
+            "reward_accuracy": dpo_eval.get("rewards/accuracies"), "reward_margin": dpo_eval.get("rewards/margins"),
+        })
+    return rows
+
+
+def diagnostics_table(rows: Sequence[dict], leading: Sequence[str] = ()) -> str:
+    """Markdown table of `diagnostics_rows` (or their means over seeds), `leading` keys first."""
+    headers = list(leading) + ["iteration", "trains"] + [h for h, _, _ in _DIAGNOSTIC_COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for row in rows:
+        cells = [str(row[k]) for k in (*leading, "iteration", "trains")]
+        cells += ["" if row.get(key) is None else fmt(row[key]) for _, key, fmt in _DIAGNOSTIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def accuracy_series(results: dict, split: str) -> list[tuple[int, float]]:
@@ -57,7 +119,8 @@ def accuracy_series(results: dict, split: str) -> list[tuple[int, float]]:
 
 
 def plot_accuracy(path: epath.Path, runs: dict[str, list[dict]], split: str, title: str) -> None:
-    """One line per method (mean over seeds, shaded min-max), iteration on x; SFT baseline dashed."""
+    """One line per method (mean over seeds, shaded: 95% t interval over seeds), iteration on x; the
+    SFT baseline dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +139,8 @@ def plot_accuracy(path: epath.Path, runs: dict[str, list[dict]], split: str, tit
             continue
         ax.plot(iters, mean, marker="o", label=method)
         if len(series) > 1:
-            ax.fill_between(iters, values.min(0), values.max(0), alpha=0.2)
+            bands = [stats.t_interval(values[:, j]) for j in range(len(iters))]
+            ax.fill_between(iters, [b.low for b in bands], [b.high for b in bands], alpha=0.2)
     ax.xaxis.get_major_locator().set_params(integer=True)  # iterations are whole numbers
     ax.set_xlabel("iteration (0 = warm-up SFT)")
     ax.set_ylabel(f"{split} accuracy (%)")
