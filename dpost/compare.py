@@ -5,10 +5,16 @@
 
 Each (method, seed) is an ordinary `dpost.main` run in WORKDIR/<method>/seed_<s> (so it resumes the
 same way); WORKDIR/comparison.md, comparison.json and accuracy.png hold mean and spread over seeds.
+
+For each pair of methods (the later on --methods minus the earlier: --methods lists the baseline
+first) the final models' accuracy difference, paired by seed and question, gets two 95% intervals
+(`dpost.stats`): a hierarchical bootstrap over seeds and questions (primary) and a t interval over
+seeds. The ordering to check is the reverse of --methods (sft,st,dpo_st: dpo_st > st > sft).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -17,7 +23,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from dpost import reports, startup
+from dpost import reports, startup, stats
 from dpost.workdir import absolute, write_json_atomic, write_text_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -44,7 +50,121 @@ def summarize(runs: dict[str, list[dict]], split: str) -> dict:
     return out
 
 
-def markdown(summary: dict, split: str, config_path: str) -> str:
+def predictions_path(run_dir: epath.Path, model: str, split: str) -> epath.Path:
+    """Where a run's evaluation of `model` ("sft_3": iter_3/eval_sft) wrote its per-question predictions."""
+    kind, iteration = model.split("_")
+    return run_dir / f"iter_{iteration}" / f"eval_{kind}" / f"predictions_{split}.jsonl"
+
+
+def final_correctness(run_dir: epath.Path, results: dict, split: str) -> dict[str, bool]:
+    """{question id: correct} of the run's final model on `split`, from its predictions file."""
+    path = predictions_path(run_dir, results["final"]["model"], split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (the paired intervals need the final model's predictions)")
+    out = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["id"])] = bool(row["correct"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{lineno}: not a prediction row with 'id' and 'correct' ({err})") from None
+    n = results["final"]["eval"].get(split, {}).get("n")
+    if n is not None and n != len(out):
+        raise ValueError(f"{path}: {len(out)} questions, but results.json says the final model was evaluated on {n}")
+    return out
+
+
+def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: str) -> tuple[list[int], dict]:
+    """(seeds, {method: [seeds, questions] 0/1 array}) paired by seed and by question id."""
+    seeds = [r["seed"] for r in next(iter(runs.values()))]
+    question_ids, reference, out = None, None, {}
+    for method, results_list in runs.items():
+        by_seed = {r["seed"]: r for r in results_list}
+        if sorted(by_seed) != sorted(seeds):
+            raise ValueError(f"method {method} ran seeds {sorted(by_seed)}, not {sorted(seeds)}: nothing to pair")
+        rows = []
+        for seed in seeds:
+            run_dir = root / method / f"seed_{seed}"
+            correct = final_correctness(run_dir, by_seed[seed], split)
+            if question_ids is None:
+                question_ids, reference = list(correct), run_dir
+            elif correct.keys() != set(question_ids):
+                raise ValueError(f"{run_dir}: its {split} questions differ from those of {reference}")
+            rows.append([correct[q] for q in question_ids])
+        out[method] = np.asarray(rows, dtype=np.int8)
+    return seeds, out
+
+
+def paired_differences(methods: list[str], seeds: list[int], correct: dict[str, np.ndarray]) -> list[dict]:
+    """Each later method minus each earlier one (st-sft, dpo_st-sft, dpo_st-st), in percentage points."""
+    out = []
+    for j, a in enumerate(methods):
+        for b in methods[:j]:
+            boot = stats.paired_bootstrap_interval(correct[a], correct[b]).scaled(100)
+            t = stats.paired_t_interval(correct[a], correct[b]).scaled(100)
+            out.append({"a": a, "b": b, "seeds": seeds, "questions": int(correct[a].shape[1]),
+                        "bootstrap": boot.as_dict(), "t": t.as_dict(), "verdict": stats.pair_verdict(a, b, boot)})
+    return out
+
+
+def ordering(methods: list[str], differences: list[dict]) -> dict:
+    """The reverse of --methods as the ordering to check, judged by the bootstrap intervals."""
+    chain = list(reversed(methods))
+    intervals = {(d["a"], d["b"]): stats.Interval(**d["bootstrap"]) for d in differences}
+    holds, text = stats.ordering_verdict(chain, intervals)
+    return {"chain": chain, "holds": holds, "text": text}
+
+
+def mean_diagnostics(runs: dict[str, list[dict]]) -> list[dict]:
+    """Diagnostics rows (reports.diagnostics_rows) averaged over seeds per method and trained model."""
+    out = []
+    for method, results_list in runs.items():
+        groups: dict[str, list[dict]] = {}
+        for results in results_list:
+            for row in reports.diagnostics_rows(results):
+                groups.setdefault(row["trains"], []).append(row)
+        for rows in groups.values():
+            mean = {key: _mean(row[key] for row in rows) for key in reports.NUMERIC_DIAGNOSTICS}
+            out.append({"method": method, "seeds": len(rows), "iteration": rows[0]["iteration"],
+                        "trains": rows[0]["trains"], "sampled_by": rows[0]["sampled_by"], **mean})
+    return out
+
+
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def mechanism(runs: dict[str, list[dict]]) -> list[str]:
+    """Per iteration, dpo_st's pseudo-label samples (from DPO_k) against st's (from SFT_{k-1}),
+    paired by seed: the paper's claim is higher pass@n and more pseudo-labels beyond gold."""
+    if "dpo_st" not in runs or "st" not in runs:
+        return []
+
+    def label_rows(method):  # {(seed, iteration): the SFT stage's diagnostics row}
+        return {(r["seed"], row["iteration"]): row for r in runs[method] for row in reports.diagnostics_rows(r)
+                if row["trains"].startswith("sft")}
+
+    dpo_st, st = label_rows("dpo_st"), label_rows("st")
+    lines = []
+    for iteration in sorted({k for _, k in dpo_st.keys() & st.keys()}):
+        keys = sorted(key for key in dpo_st.keys() & st.keys() if key[1] == iteration)
+        parts = []
+        for field, name, scale, unit in (("pass_at_n", "pass@n", 100, " points"), ("beyond_gold", "pseudo-labels beyond gold", 1, "")):
+            diffs = [scale * (dpo_st[k][field] - st[k][field]) for k in keys
+                     if dpo_st[k][field] is not None and st[k][field] is not None]
+            if diffs:
+                parts.append(f"{name} {np.mean(diffs):+.1f}{unit} (higher in {sum(d > 0 for d in diffs)} of "
+                             f"{len(diffs)} seeds)")
+        lines.append(f"- iteration {iteration}, dpo_st minus st: "
+                     + (", ".join(parts) if parts else "not recorded in results.json (older runs)"))
+    return lines
+
+
+def markdown(summary: dict, split: str, config_path: str, differences: list[dict] = (),
+             order: dict | None = None, diagnostics: list[dict] = (), mechanism_lines: list[str] = ()) -> str:
     iters = sorted({k for s in summary.values() for k in s["per_iteration"]})
     lines = [f"# dpost comparison on {split} ({config_path})", "",
              "| method | final acc % (mean ± std over seeds) | per seed | " + " | ".join(f"iter {k}" for k in iters) + " |",
@@ -55,7 +175,33 @@ def markdown(summary: dict, split: str, config_path: str) -> str:
         lines.append(f"| {method} | {f['mean']:.1f} ± {f['std']:.1f} | {per_seed} | "
                      + " | ".join(f"{s['per_iteration'][k]:.1f}" if k in s["per_iteration"] else "-" for k in iters)
                      + " |")
+    if differences:
+        lines += ["", f"## Paired differences of the final models on {split}", "",
+                  f"Percentage points, paired by seed and question. Primary interval: 95% percentile interval "
+                  f"of a bootstrap over seeds and questions ({stats.BOOTSTRAP_RESAMPLES:,} resamples, RNG seed "
+                  f"{stats.BOOTSTRAP_SEED}); also the 95% paired t interval over seeds (Student t, seeds - 1 "
+                  f"degrees of freedom, test set held fixed). A difference whose bootstrap interval contains "
+                  f"zero is reported as no difference.", "",
+                  "| difference | mean | bootstrap 95% CI | t 95% CI | verdict |", "|" + " --- |" * 5]
+        for d in differences:
+            boot, t = d["bootstrap"], d["t"]
+            lines.append(f"| {d['a']} - {d['b']} | {boot['mean']:+.1f} | {_bounds(boot)} | {_bounds(t)} | "
+                         f"{d['verdict']} |")
+    if order:
+        lines += ["", order["text"]]
+    if diagnostics:
+        lines += ["", "## Sampling diagnostics per iteration (mean over seeds)", "", reports.DIAGNOSTICS_NOTE, "",
+                  reports.diagnostics_table(diagnostics, leading=("method",)).rstrip("\n")]
+    if mechanism_lines:
+        lines += ["", "Mechanism (pseudo-label samples of DPO_k in dpo_st against SFT_{k-1} in st, same seed):", ""]
+        lines += mechanism_lines
     return "\n".join(lines) + "\n"
+
+
+def _bounds(interval: dict) -> str:
+    if interval["low"] is None:
+        return "n/a (one seed)"
+    return f"[{interval['low']:+.1f}, {interval['high']:+.1f}]"
 
 
 def share_warmup(source: epath.Path, target: epath.Path) -> None:
@@ -90,17 +236,35 @@ def main(argv) -> int:
                     share_warmup(first, workdir)
                 runs.setdefault(method, []).append(driver.run(config, str(workdir), config_path=config_path))
                 first = first or workdir
+        split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
+        doc = write_comparison(root, runs, list(_METHODS.value), split, config_path)
     except (ValueError, FileNotFoundError) as err:
         print(f"dpost.compare: error: {err}", file=sys.stderr)
         return 2
-    split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
-    summary = summarize(runs, split)
-    write_json_atomic(root / "comparison.json", {"config": config_path, "split": split, "summary": summary})
-    write_text_atomic(root / "comparison.md", markdown(summary, split, config_path))
-    reports.plot_accuracy(root / "accuracy.png", runs, split,
-                          f"{split} accuracy, mean over seeds {', '.join(_SEEDS.value)} (band: min-max)")
-    print(markdown(summary, split, config_path))
+    print(doc)
     return 0
+
+
+def write_comparison(root: epath.Path, runs: dict[str, list[dict]], methods: list[str], split: str,
+                     config_path: str) -> str:
+    """comparison.json, comparison.md and accuracy.png from finished runs; returns the markdown."""
+    summary = summarize(runs, split)
+    seeds, correct = correctness_matrices(root, runs, split)
+    differences = paired_differences(methods, seeds, correct)
+    order = ordering(methods, differences) if len(methods) > 1 else None
+    diagnostics, mechanism_lines = mean_diagnostics(runs), mechanism(runs)
+    doc = markdown(summary, split, config_path, differences, order, diagnostics, mechanism_lines)
+    write_json_atomic(root / "comparison.json", {
+        "config": config_path, "split": split, "summary": summary, "differences": differences,
+        "ordering": order, "diagnostics": diagnostics, "mechanism": mechanism_lines,
+        "intervals": {"units": "percentage points", "level": stats.LEVEL,
+                      "primary": "bootstrap over seeds and questions", "resamples": stats.BOOTSTRAP_RESAMPLES,
+                      "rng_seed": stats.BOOTSTRAP_SEED, "also": "paired t over seeds"}})
+    write_text_atomic(root / "comparison.md", doc)
+    seed_list = ", ".join(str(s) for s in seeds)
+    reports.plot_accuracy(root / "accuracy.png", runs, split,
+                          f"{split} accuracy, mean over seeds {seed_list} (band: 95% t interval over seeds)")
+    return doc
 
 
 if __name__ == "__main__":

@@ -103,9 +103,10 @@ def paired_bootstrap_interval(correct_a, correct_b, resamples: int = BOOTSTRAP_R
 # -- verdicts ---------------------------------------------------------------------------------------
 
 def pair_verdict(a: str, b: str, interval: Interval) -> str:
-    """'a > b' or 'a < b' when the interval of a - b excludes zero, else 'no difference'."""
+    """'a > b' or 'a < b' when the interval of a - b excludes zero, 'no difference' when it contains
+    zero, 'undetermined' when there is no interval (a t interval from one seed)."""
     if interval.low is None:
-        return "no interval"
+        return "undetermined"
     if interval.low > 0:
         return f"{a} > {b}"
     if interval.high < 0:
@@ -134,7 +135,7 @@ def ordering_verdict(chain: Sequence[str], intervals: Mapping[tuple[str, str], I
         interval = intervals[(a, b)]
         verdict = pair_verdict(a, b, interval)
         holds = holds and verdict == f"{a} > {b}"
-        if verdict in ("no difference", "no interval"):
-            verdict = f"{a} vs {b}: {verdict}" + (" (interval contains zero)" if verdict == "no difference" else "")
-        parts.append(f"{verdict} ({describe(interval, unit, digits)})")
+        where = {f"{a} > {b}": " above zero", f"{a} < {b}": " below zero", "no difference": " contains zero"}
+        label = f"{verdict}:" if verdict in (f"{a} > {b}", f"{a} < {b}") else f"{a} vs {b}: {verdict},"
+        parts.append(f"{label} {describe(interval, unit, digits)}{where.get(verdict, '')}")
     return holds, f"Ordering {claim}: {'holds' if holds else 'does not hold'}. " + "; ".join(parts) + "."
