@@ -6,7 +6,8 @@ by seed and columns by question. Two 95% intervals for the mean accuracy differe
 * paired t over seeds: the per-seed accuracy differences with Student's t (seeds - 1 degrees of
   freedom). It treats the test set as fixed and needs two seeds or more.
 * hierarchical bootstrap over seeds and questions (the primary one): each resample draws seeds with
-  replacement and, independently, test questions with replacement, the same draws for both methods;
+  replacement and, independently, test questions with replacement, the same draws for both methods
+  and for every drawn seed (the seeds share one test set, so its questions are drawn once);
   the statistic is the mean over the drawn seeds of the accuracy difference on the drawn questions,
   and the interval is the 2.5-97.5 percentile range. It counts both sources of chance: training
   randomness (seeds) and the finite test set (questions).
