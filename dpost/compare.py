@@ -56,9 +56,8 @@ def predictions_path(run_dir: epath.Path, model: str, split: str) -> epath.Path:
     return run_dir / f"iter_{iteration}" / f"eval_{kind}" / f"predictions_{split}.jsonl"
 
 
-def final_correctness(run_dir: epath.Path, results: dict, split: str) -> dict[str, bool]:
-    """{question id: correct} of the run's final model on `split`, from its predictions file."""
-    path = predictions_path(run_dir, results["final"]["model"], split)
+def read_correctness(path: epath.Path, n: int | None) -> dict[str, bool]:
+    """{question id: correct} from a predictions file of `n` questions (None: not checked)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (the paired intervals need the final model's predictions)")
     out = {}
@@ -70,7 +69,6 @@ def final_correctness(run_dir: epath.Path, results: dict, split: str) -> dict[st
             out[str(row["id"])] = bool(row["correct"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{lineno}: not a prediction row with 'id' and 'correct' ({err})") from None
-    n = results["final"]["eval"].get(split, {}).get("n")
     if n is not None and n != len(out):
         raise ValueError(f"{path}: {len(out)} questions, but results.json says the final model was evaluated on {n}")
     return out
@@ -79,19 +77,20 @@ def final_correctness(run_dir: epath.Path, results: dict, split: str) -> dict[st
 def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: str) -> tuple[list[int], dict]:
     """(seeds, {method: [seeds, questions] 0/1 array}) paired by seed and by question id."""
     seeds = [r["seed"] for r in next(iter(runs.values()))]
-    question_ids, reference, out = None, None, {}
+    question_ids, reference, out = None, None, {}  # reference: the file that fixed the question order
     for method, results_list in runs.items():
         by_seed = {r["seed"]: r for r in results_list}
         if sorted(by_seed) != sorted(seeds):
             raise ValueError(f"method {method} ran seeds {sorted(by_seed)}, not {sorted(seeds)}: nothing to pair")
         rows = []
         for seed in seeds:
-            run_dir = root / method / f"seed_{seed}"
-            correct = final_correctness(run_dir, by_seed[seed], split)
+            final = by_seed[seed]["final"]
+            path = predictions_path(root / method / f"seed_{seed}", final["model"], split)
+            correct = read_correctness(path, final["eval"].get(split, {}).get("n"))
             if question_ids is None:
-                question_ids, reference = list(correct), run_dir
+                question_ids, reference = list(correct), path
             elif correct.keys() != set(question_ids):
-                raise ValueError(f"{run_dir}: its {split} questions differ from those of {reference}")
+                raise ValueError(f"{path}: its questions differ from those of {reference}")
             rows.append([correct[q] for q in question_ids])
         out[method] = np.asarray(rows, dtype=np.int8)
     return seeds, out
