@@ -136,6 +136,10 @@ def _mean(values) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+# (diagnostics field, words, scale, unit) compared between dpo_st and st
+_MECHANISM_FIELDS = (("pass_at_n", "pass@n", 100, " points"), ("beyond_gold", "pseudo-labels beyond gold", 1, ""))
+
+
 def mechanism(runs: dict[str, list[dict]]) -> list[str]:
     """Per iteration, dpo_st's pseudo-label samples (from DPO_k) against st's (from SFT_{k-1}),
     paired by seed: the paper's claim is higher pass@n and more pseudo-labels beyond gold."""
@@ -151,7 +155,7 @@ def mechanism(runs: dict[str, list[dict]]) -> list[str]:
     for iteration in sorted({k for _, k in dpo_st.keys() & st.keys()}):
         keys = sorted(key for key in dpo_st.keys() & st.keys() if key[1] == iteration)
         parts = []
-        for field, name, scale, unit in (("pass_at_n", "pass@n", 100, " points"), ("beyond_gold", "pseudo-labels beyond gold", 1, "")):
+        for field, name, scale, unit in _MECHANISM_FIELDS:
             diffs = [scale * (dpo_st[k][field] - st[k][field]) for k in keys
                      if dpo_st[k][field] is not None and st[k][field] is not None]
             if diffs:
@@ -162,8 +166,8 @@ def mechanism(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def markdown(summary: dict, split: str, config_path: str, differences: list[dict] = (),
-             order: dict | None = None, diagnostics: list[dict] = (), mechanism_lines: list[str] = ()) -> str:
+def markdown(summary: dict, split: str, config_path: str, differences: list[dict], order: dict | None,
+             diagnostics: list[dict], mechanism_lines: list[str]) -> str:
     iters = sorted({k for s in summary.values() for k in s["per_iteration"]})
     lines = [f"# dpost comparison on {split} ({config_path})", "",
              "| method | final acc % (mean ± std over seeds) | per seed | " + " | ".join(f"iter {k}" for k in iters) + " |",
@@ -257,8 +261,8 @@ def write_comparison(root: epath.Path, runs: dict[str, list[dict]], methods: lis
         "config": config_path, "split": split, "summary": summary, "differences": differences,
         "ordering": order, "diagnostics": diagnostics, "mechanism": mechanism_lines,
         "intervals": {"units": "percentage points", "level": stats.LEVEL,
-                      "primary": "bootstrap over seeds and questions", "resamples": stats.BOOTSTRAP_RESAMPLES,
-                      "rng_seed": stats.BOOTSTRAP_SEED, "also": "paired t over seeds"}})
+                      "primary": stats.BOOTSTRAP_METHOD, "resamples": stats.BOOTSTRAP_RESAMPLES,
+                      "rng_seed": stats.BOOTSTRAP_SEED, "also": stats.T_METHOD}})
     write_text_atomic(root / "comparison.md", doc)
     seed_list = ", ".join(str(s) for s in seeds)
     reports.plot_accuracy(root / "accuracy.png", runs, split,

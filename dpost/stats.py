@@ -24,6 +24,8 @@ from scipy import stats as scipy_stats
 LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
+BOOTSTRAP_METHOD = "bootstrap over seeds and questions"
+T_METHOD = "t over seeds"
 _CHUNK = 500  # resamples per vectorised block: bounds memory at ~chunk x questions counts
 
 
@@ -49,9 +51,9 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
     if x.size < 2:
-        return Interval(mean, None, None, "t over seeds")
+        return Interval(mean, None, None, T_METHOD)
     half = scipy_stats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-    return Interval(mean, float(mean - half), float(mean + half), "t over seeds")
+    return Interval(mean, float(mean - half), float(mean + half), T_METHOD)
 
 
 def _paired(correct_a, correct_b) -> np.ndarray:
@@ -97,8 +99,7 @@ def paired_bootstrap_interval(correct_a, correct_b, resamples: int = BOOTSTRAP_R
     replicates = bootstrap_differences(correct_a, correct_b, resamples, seed)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail])
-    return Interval(float(_paired(correct_a, correct_b).mean()), float(low), float(high),
-                    "bootstrap over seeds and questions")
+    return Interval(float(_paired(correct_a, correct_b).mean()), float(low), float(high), BOOTSTRAP_METHOD)
 
 
 # -- verdicts ---------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_paired_intervals_of_every_pair(compared):
     for pair in (("st", "sft"), ("dpo_st", "sft")):
         t = differences[pair]["t"]
         assert t["mean"] == pytest.approx(80 / 3)
-        assert t["low"] == pytest.approx(80 / 3 - half, abs=1e-4) and t["high"] == pytest.approx(80 / 3 + half, abs=1e-4)
+        assert t["low"] == pytest.approx(80 / 3 - half, abs=1e-4)
+        assert t["high"] == pytest.approx(80 / 3 + half, abs=1e-4)
         # the bootstrap of the hand-made matrices (seed by seed, question by question) in points
         expected = stats.paired_bootstrap_interval(np.array(CORRECT[pair[0]]), np.array(CORRECT["sft"])).scaled(100)
         assert differences[pair]["bootstrap"] == expected.as_dict()
@@ -99,7 +100,7 @@ def test_paired_intervals_of_every_pair(compared):
     assert (same["bootstrap"]["low"], same["bootstrap"]["high"], same["t"]["low"], same["t"]["high"]) == (0, 0, 0, 0)
     assert same["verdict"] == "no difference"
     assert "| dpo_st - st | +0.0 | [+0.0, +0.0] | [+0.0, +0.0] | no difference |" in text
-    assert f"| st - sft | +26.7 | " in text and f"| [{80 / 3 - half:+.1f}, {80 / 3 + half:+.1f}] |" in text
+    assert "| st - sft | +26.7 | " in text and f"| [{80 / 3 - half:+.1f}, {80 / 3 + half:+.1f}] |" in text
     assert "bootstrap over seeds and questions (10,000 resamples, RNG seed 0)" in text
     assert doc["intervals"]["primary"] == "bootstrap over seeds and questions"
     assert (root / "comparison.md").read_text() == text
