@@ -137,10 +137,10 @@ def plot_accuracy(path: epath.Path, runs: dict[str, list[dict]], split: str, tit
         if method == "sft":
             ax.axhline(mean[0], linestyle="--", color="gray", label="sft (warm-up baseline)")
             continue
-        ax.plot(iters, mean, marker="o", label=method)
+        (line,) = ax.plot(iters, mean, marker="o", label=method)
         if len(series) > 1:
             bands = [stats.t_interval(values[:, j]) for j in range(len(iters))]
-            ax.fill_between(iters, [b.low for b in bands], [b.high for b in bands], alpha=0.2)
+            ax.fill_between(iters, [b.low for b in bands], [b.high for b in bands], color=line.get_color(), alpha=0.2)
     ax.xaxis.get_major_locator().set_params(integer=True)  # iterations are whole numbers
     ax.set_xlabel("iteration (0 = warm-up SFT)")
     ax.set_ylabel(f"{split} accuracy (%)")
