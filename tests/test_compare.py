@@ -151,3 +151,15 @@ def test_bad_predictions_are_refused_by_name(tmp_path, damage, message):
         compare.write_comparison(root, runs, ["sft", "st", "dpo_st"], "test", "c.py")
     assert "dpo_st/seed_2/iter_2/eval_sft/predictions_test.jsonl" in str(err.value)
     assert not (root / "comparison.json").exists() and not (root / "comparison.md").exists()
+
+
+def test_one_seed_has_a_bootstrap_interval_but_no_t_interval(tmp_path):
+    root = epath.Path(tmp_path)
+    runs = {method: results[:1] for method, results in write_runs(root).items()}
+    text = compare.write_comparison(root, runs, ["sft", "st"], "test", "c.py")
+    (difference,) = json.loads((root / "comparison.json").read_text())["differences"]
+    # seed 0: st - sft is +1 on question test-1 only, so the bootstrap over the 5 questions alone
+    expected = stats.paired_bootstrap_interval(np.array(CORRECT["st"][:1]), np.array(CORRECT["sft"][:1])).scaled(100)
+    assert difference["bootstrap"] == expected.as_dict()
+    assert difference["t"] == {"mean": pytest.approx(20.0), "low": None, "high": None, "method": stats.T_METHOD}
+    assert f"| st - sft | +20.0 | [{expected.low:+.1f}, {expected.high:+.1f}] | n/a (one seed) |" in text
