@@ -65,6 +65,7 @@ DIAGNOSTICS_NOTE = (
     "pseudo-labels beyond gold than ST's at the same iteration. Blank: not recorded (older run) or not "
     "applicable.")
 
+
 def _count(x) -> str:
     return f"{x:.1f}" if x != int(x) else str(int(x))  # means over seeds may be fractional
 
