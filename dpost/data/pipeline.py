@@ -59,20 +59,26 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def encode_prompt(tokenizer: Any, family: str, prompt_text: str) -> list[int]:
     """Prompt ids with the family's special tokens (llama: BOS first; t5: EOS last)."""
     _check_family(family)
-    bos, eos, _ = special_ids(tokenizer)
+    bos = special_ids(tokenizer)[0]
     ids = _ids(tokenizer, prompt_text)
     if family == "llama":
         return ([bos] if bos is not None else []) + ids
-    return ids + ([eos] if eos is not None else [])
+    return ids + _eos(tokenizer)
 
 
-def _joint_split(tokenizer: Any, prompt_text: str, target_text: str) -> tuple[list[int], list[int]]:
-    """``prompt_text + target_text`` tokenized together and split into (prompt part, target part);
-    when the prompt's last token merged with the target's first, the merged token goes to the target."""
+def _eos(tokenizer: Any) -> list[int]:
+    """What ends a completion: [EOS], or nothing for a tokenizer without one."""
+    eos = special_ids(tokenizer)[1]
+    return [eos] if eos is not None else []
+
+
+def _joint(tokenizer: Any, prompt_text: str, target_text: str) -> tuple[list[int], list[int], bool]:
+    """(prompt part, target part, merged) of ``prompt_text + target_text`` tokenized together;
+    merged: the prompt's last token merged with the target's first, which then starts the target."""
     prompt = _ids(tokenizer, prompt_text)
     full = _ids(tokenizer, prompt_text + target_text)
     start = len(prompt) if full[: len(prompt)] == prompt else len(prompt) - 1
-    return full[:start], full[start:]
+    return full[:start], full[start:], start < len(prompt)
 
 
 def encode_completion(tokenizer: Any, family: str, prompt_text: str, target_text: str) -> list[int]:
@@ -82,13 +88,11 @@ def encode_completion(tokenizer: Any, family: str, prompt_text: str, target_text
     the prompt's last token would merge with the target's first (the prompt ids must stay as
     given). t5: tokenized alone (the decoder's own sequence)."""
     _check_family(family)
-    _, eos, _ = special_ids(tokenizer)
-    tail = [eos] if eos is not None else []
     if family == "llama":
-        prompt, target = _joint_split(tokenizer, prompt_text, target_text)
-        if prompt == _ids(tokenizer, prompt_text):
-            return target + tail
-    return _ids(tokenizer, target_text) + tail
+        _, target, merged = _joint(tokenizer, prompt_text, target_text)
+        if not merged:
+            return target + _eos(tokenizer)
+    return _ids(tokenizer, target_text) + _eos(tokenizer)
 
 
 def encode_example(tokenizer: Any, family: str, prompt_text: str,
@@ -99,9 +103,9 @@ def encode_example(tokenizer: Any, family: str, prompt_text: str,
     if family == "t5":
         return (encode_prompt(tokenizer, family, prompt_text),
                 encode_completion(tokenizer, family, prompt_text, target_text))
-    bos, eos, _ = special_ids(tokenizer)
-    prompt, target = _joint_split(tokenizer, prompt_text, target_text)
-    return ([bos] if bos is not None else []) + prompt, target + ([eos] if eos is not None else [])
+    bos = special_ids(tokenizer)[0]
+    prompt, target, _ = _joint(tokenizer, prompt_text, target_text)
+    return ([bos] if bos is not None else []) + prompt, target + _eos(tokenizer)
 
 
 def bucket_length(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
