@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
             # decoder-only train steps and reference scoring: the vocabulary head over this many target
             # positions at a time (0 = all at once); bounds the fp32 [rows, positions, vocab] logits
             logits_chunk=0,
+            # training-time dropout in SFT (llama: attention probabilities; t5: where transformers
+            # applies dropout_rate); DPO, evaluation, scoring and sampling never drop (the release's
+            # DPO ran through TRL, which turns dropout off)
+            dropout=0.0,
             # scratch models: family config fields (LlamaConfig / T5Config) and a tokenizer to train
             scratch=ml_collections.ConfigDict(),
         )

@@ -291,7 +291,6 @@ def _tokens_per_step(items, batch_size: int, keys) -> float:
 
 def _pair_items(bundle: ModelBundle, rows: Sequence[dict], max_p: int, max_c: int):
     """Token items for pairs: harvested sampler ids where present, tokenized text otherwise."""
-    eos = bundle.eos_token_id
     items, refs, kept = [], [], []
     for row in rows:
         prompt = prompt_ids(bundle, row["question"])
@@ -300,7 +299,8 @@ def _pair_items(bundle: ModelBundle, rows: Sequence[dict], max_p: int, max_c: in
         for side in ("chosen", "rejected"):
             ids = row.get(f"{side}_ids")
             if ids is None:
-                ids = pipeline._ids(bundle.tokenizer, row[side]) + [eos]
+                ids = pipeline.encode_completion(bundle.tokenizer, bundle.family,  # as SFT tokenizes it
+                                                 formatting.format_prompt(bundle.family, row["question"]), row[side])
             item[side] = np.asarray(ids, np.int32)
             ref.append(row.get(f"{side}_ref"))
         if len(prompt) <= max_p and len(item["chosen"]) <= max_c and len(item["rejected"]) <= max_c:

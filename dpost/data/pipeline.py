@@ -5,6 +5,8 @@ One place decides where special tokens go, so training, sampling and scoring agr
 * llama: prompt = BOS + tokens(prompt_text); completion = tokens(target_text) + EOS. The two are
   tokenized *jointly* and split, as the release (and TRL) do, so a completion's first token is the
   one the model sees after the prompt (SentencePiece would otherwise add a word-start marker).
+  ``encode_completion`` is that rule alone, for completions whose prompt ids are already fixed
+  (DPO pair sides that the sampler did not emit).
 * t5: prompt (encoder input) = tokens(prompt_text) + EOS; completion (decoder targets) =
   tokens(target_text) + EOS, as ``T5TokenizerFast`` does by default. The decoder start token is the
   model's business, not part of the completion.
@@ -57,28 +59,53 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def encode_prompt(tokenizer: Any, family: str, prompt_text: str) -> list[int]:
     """Prompt ids with the family's special tokens (llama: BOS first; t5: EOS last)."""
     _check_family(family)
-    bos, eos, _ = special_ids(tokenizer)
+    bos = special_ids(tokenizer)[0]
     ids = _ids(tokenizer, prompt_text)
     if family == "llama":
         return ([bos] if bos is not None else []) + ids
-    return ids + ([eos] if eos is not None else [])
+    return ids + _eos(tokenizer)
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    """What ends a completion: [EOS], or nothing for a tokenizer without one."""
+    eos = special_ids(tokenizer)[1]
+    return [eos] if eos is not None else []
+
+
+def _joint(tokenizer: Any, prompt_text: str, target_text: str) -> tuple[list[int], list[int], bool]:
+    """(prompt part, target part, merged) of ``prompt_text + target_text`` tokenized together;
+    merged: the prompt's last token merged with the target's first, which then starts the target."""
+    prompt = _ids(tokenizer, prompt_text)
+    full = _ids(tokenizer, prompt_text + target_text)
+    start = len(prompt) if full[: len(prompt)] == prompt else len(prompt) - 1
+    return full[:start], full[start:], start < len(prompt)
+
+
+def encode_completion(tokenizer: Any, family: str, prompt_text: str, target_text: str) -> list[int]:
+    """Completion ids (EOS last) of ``target_text`` following ``encode_prompt(prompt_text)``: the ids
+    SFT trains on and a sampler fed that prompt emits. llama: tokenized jointly with the prompt
+    (SentencePiece gives a completion's first word no word-start marker there); alone only when
+    the prompt's last token would merge with the target's first (the prompt ids must stay as
+    given). t5: tokenized alone (the decoder's own sequence)."""
+    _check_family(family)
+    if family == "llama":
+        _, target, merged = _joint(tokenizer, prompt_text, target_text)
+        if not merged:
+            return target + _eos(tokenizer)
+    return _ids(tokenizer, target_text) + _eos(tokenizer)
 
 
 def encode_example(tokenizer: Any, family: str, prompt_text: str,
                    target_text: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) with special tokens; completion ends with EOS."""
+    """(prompt ids, completion ids) with special tokens; completion ends with EOS. llama: when the
+    prompt's last token merges with the target's first, the merged token starts the completion."""
     _check_family(family)
-    bos, eos, _ = special_ids(tokenizer)
-    tail = [eos] if eos is not None else []
     if family == "t5":
-        return encode_prompt(tokenizer, family, prompt_text), _ids(tokenizer, target_text) + tail
-    prompt = _ids(tokenizer, prompt_text)
-    full = _ids(tokenizer, prompt_text + target_text)
-    start = len(prompt)
-    if full[:start] != prompt:  # the last prompt token merged with the target's first: move it
-        start -= 1
-    head = [bos] if bos is not None else []
-    return head + full[:start], full[start:] + tail
+        return (encode_prompt(tokenizer, family, prompt_text),
+                encode_completion(tokenizer, family, prompt_text, target_text))
+    bos = special_ids(tokenizer)[0]
+    prompt, target, _ = _joint(tokenizer, prompt_text, target_text)
+    return ([bos] if bos is not None else []) + prompt, target + _eos(tokenizer)
 
 
 def bucket_length(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
@@ -160,11 +187,9 @@ def tokenize_item(tokenizer: Any, family: str, prompt_text: str, *completions: s
     prompt = encoded[0][0]
     if any(p != prompt for p, _ in encoded):
         # Joint tokenization moved a merged token for some completion only; the prompt must be
-        # shared, so tokenize the prompt and the completions separately instead.
+        # shared, so keep it whole and tokenize each completion after it.
         prompt = encode_prompt(tokenizer, family, prompt_text)
-        _, eos, _ = special_ids(tokenizer)
-        encoded = [(prompt, _ids(tokenizer, text) + ([eos] if eos is not None else []))
-                   for text in completions]
+        encoded = [(prompt, encode_completion(tokenizer, family, prompt_text, text)) for text in completions]
     item: Item = {"prompt": np.asarray(prompt, np.int32)}
     item.update({key: np.asarray(c, np.int32) for key, (_, c) in zip(keys, encoded)})
     return item

@@ -41,6 +41,12 @@ class RMSNorm(nn.Module):
         return (scale * y.astype(self.dtype)).astype(self.dtype)
 
 
+def dropout(rate: float) -> nn.Dropout:
+    """flax Dropout, always active: only training builds modules with a rate > 0 (and a "dropout"
+    rng); at rate 0 it returns its input untouched and asks for no rng."""
+    return nn.Dropout(rate, deterministic=False)
+
+
 def causal_padding_mask(token_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """[B, T] validity -> [B, T, T] attention mask: causal, padding keys hidden, segments separate."""
     t = token_mask.shape[1]

@@ -139,18 +139,18 @@ _chunked_head.defvjp(_chunked_head_fwd, _chunked_head_bwd)
 
 
 def completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask,
-                              chunk: int | None = None) -> jax.Array:
+                              chunk: int | None = None, rngs=None) -> jax.Array:
     """[B, C] fp32 log-probs of each completion token (0 at padding). Pure; jit it at the call site.
 
     Without `chunk` (or for encoder-decoders) this is the family's `completion_logits`; with it, a
     decoder-only model runs the same computation with its vocab head `chunk` positions at a time
-    (see head_logprobs)."""
+    (see head_logprobs). `rngs`: {"dropout": key} for a module built with dropout (training)."""
     if not chunk or not is_decoder_only(module):
         logits = module.apply(
-            {"params": params}, prompt, prompt_mask, completion, completion_mask, method="completion_logits"
+            {"params": params}, prompt, prompt_mask, completion, completion_mask, rngs=rngs, method="completion_logits"
         )
         return token_logprobs_from_logits(logits, completion) * completion_mask
-    hidden = module.apply({"params": params}, prompt, prompt_mask, completion, completion_mask,
+    hidden = module.apply({"params": params}, prompt, prompt_mask, completion, completion_mask, rngs=rngs,
                           method="completion_hidden")
     return head_logprobs(module, params, hidden, completion, chunk) * completion_mask
 

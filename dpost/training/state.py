@@ -2,7 +2,8 @@
 
 Params are fp32 masters; `opt_state` mirrors them (AdamW's mu/nu) and is sharded like them;
 `step` counts optimizer updates; `rng` is a raw uint32[2] key (plain array, so it checkpoints like
-any other leaf) from which per-step keys are derived with `fold_in(rng, step)`.
+any other leaf) from which per-step keys are derived with `fold_in(rng, step)` (the SFT step's
+dropout masks), so a restored state draws the masks an uninterrupted run would have.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class DPOConfig:
 # --------------------------------------------------------------------------------------------------
 # forward pieces
 # --------------------------------------------------------------------------------------------------
-def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> jax.Array:
+def packed_token_logprobs(module, params, batch, chunk: int | None = None, rngs=None) -> jax.Array:
     """[B, T] log-probs of `targets` for packed decoder-only rows (0 where loss_mask is 0).
 
     Each row holds several examples separated by `segment_ids` (0 = padding); attention stays
@@ -67,7 +67,8 @@ def packed_token_logprobs(module, params, batch, chunk: int | None = None) -> ja
     """
     seg = batch["segment_ids"]
     mask = layers.causal_padding_mask(seg > 0, seg)
-    hidden, _ = module.apply({"params": params}, batch["inputs"], batch["positions"], mask, method="hidden_states")
+    hidden, _ = module.apply({"params": params}, batch["inputs"], batch["positions"], mask, rngs=rngs,
+                             method="hidden_states")
     return head_logprobs(module, params, hidden, batch["targets"], chunk) * batch["loss_mask"]
 
 
@@ -76,14 +77,15 @@ def _valid(batch, n: int) -> jax.Array:
     return jnp.ones((n,), jnp.float32) if v is None else v.astype(jnp.float32)
 
 
-def sft_token_logprobs(module, params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """(token log-probs, loss mask), both [B, L], for a padded or a packed SFT batch."""
+def sft_token_logprobs(module, params, batch, chunk: int | None = None, rngs=None) -> tuple[jax.Array, jax.Array]:
+    """(token log-probs, loss mask), both [B, L], for a padded or a packed SFT batch. `rngs`:
+    {"dropout": key} for a module built with dropout (`with_dropout`)."""
     params = layers.compute_params(module, params)
     if "segment_ids" in batch:
-        return packed_token_logprobs(module, params, batch, chunk), batch["loss_mask"].astype(jnp.float32)
+        return packed_token_logprobs(module, params, batch, chunk, rngs), batch["loss_mask"].astype(jnp.float32)
     mask = batch["completion_mask"].astype(jnp.float32) * _valid(batch, batch["completion"].shape[0])[:, None]
     logps = completion_token_logprobs(module, params, batch["prompt"], batch["prompt_mask"], batch["completion"],
-                                batch["completion_mask"], chunk)
+                                batch["completion_mask"], chunk, rngs)
     return logps, mask
 
 
@@ -205,24 +207,29 @@ def split_microbatches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def _accumulate(grad_fn, params, batch, grad_accum: int, constrain_grads):
-    """Sum of (grads, aux) of grad_fn over micro-batches (grad_fn already divides by global counts)."""
+def _accumulate(grad_fn, params, batch, grad_accum: int, constrain_grads, rng=None):
+    """Sum of (grads, aux) of grad_fn over micro-batches (grad_fn already divides by global counts).
+    With `rng` (dropout), grad_fn also takes micro-batch a's key `fold_in(rng, a)`."""
+    def call(p, mb, a):
+        return grad_fn(p, mb) if rng is None else grad_fn(p, mb, jax.random.fold_in(rng, a))
+
     if grad_accum == 1:
-        (_, aux), grads = grad_fn(params, batch)
+        (_, aux), grads = call(params, batch, 0)
         return constrain_grads(grads), aux
     micro = split_microbatches(batch, grad_accum)
 
-    def body(carry, mb):
+    def body(carry, x):
+        mb, a = x
         g_acc, a_acc = carry
-        (_, aux), grads = grad_fn(params, mb)
+        (_, aux), grads = call(params, mb, a)
         g_acc = constrain_grads(jax.tree.map(jnp.add, g_acc, grads))
         return (g_acc, jax.tree.map(jnp.add, a_acc, aux)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    aux_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], params, first)
+    aux_shape = jax.eval_shape(lambda p, b: call(p, b, 0)[0][1], params, first)
     zeros_g = constrain_grads(jax.tree.map(jnp.zeros_like, params))
     zeros_a = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-    (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_a), micro)
+    (grads, aux), _ = jax.lax.scan(body, (zeros_g, zeros_a), (micro, jnp.arange(grad_accum)))
     return grads, aux
 
 
@@ -319,6 +326,18 @@ def _batch_constraint(mesh, rules):
 # --------------------------------------------------------------------------------------------------
 # SFT
 # --------------------------------------------------------------------------------------------------
+def with_dropout(module, rate: float):
+    """The family module with training-time dropout at `rate` (its `dropout_rate` field); the module
+    it came from, which evaluation, scoring, sampling and DPO use, keeps none. Rate 0: `module`."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate!r} (config field model.dropout)")
+    if not rate:
+        return module
+    if "dropout_rate" not in {f.name for f in dataclasses.fields(module)}:
+        raise ValueError(f"{type(module).__name__} has no dropout_rate field: set model.dropout=0")
+    return module.clone(dropout_rate=float(rate))
+
+
 def make_sft_step(
     module,
     optimizer: optax.GradientTransformation,
@@ -330,11 +349,16 @@ def make_sft_step(
     state_shardings: TrainState | None = None,
     donate: bool = True,
     logits_chunk: int | None = None,
+    dropout: float = 0.0,
 ) -> Step:
     """step(state, batch) -> (state, metrics): masked NLL over target tokens, mean over the global
     batch's target tokens. Metrics: loss, tokens (target tokens), grad_norm, learning_rate.
-    logits_chunk: compute the vocab head this many positions at a time (decoder-only; saves memory)."""
+    logits_chunk: compute the vocab head this many positions at a time (decoder-only; saves memory).
+    dropout: training-time dropout rate (`with_dropout`); micro-batch a of a step draws its masks
+    from `fold_in(state.step_rng(), a)`, so a step is a pure function of (state, batch) and a resumed
+    run repeats them. Rate 0 traces exactly the step without dropout."""
     check_logits_chunk(logits_chunk)
+    train_module = with_dropout(module, dropout)
     constrain_grads = _grad_constraint(mesh, state_shardings)
     constrain_batch = _batch_constraint(mesh, rules)
 
@@ -347,13 +371,14 @@ def make_sft_step(
             total_tokens = (batch["completion_mask"].astype(jnp.float32) * valid[:, None]).sum()
         denom = jnp.maximum(total_tokens, 1.0)
 
-        def loss_fn(params, mb):
-            logps, mask = sft_token_logprobs(module, params, mb, logits_chunk)
+        def loss_fn(params, mb, rng=None):
+            rngs = None if rng is None else {"dropout": rng}
+            logps, mask = sft_token_logprobs(train_module, params, mb, logits_chunk, rngs)
             nll, _ = masked_nll(logps, mask)
             return nll / denom, {"nll": nll}
 
         grads, aux = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state.params, batch, grad_accum,
-                                 constrain_grads)
+                                 constrain_grads, rng=state.step_rng() if dropout else None)
         state, extra = _apply_update(state, grads, optimizer, lr_schedule)
         metrics = {"loss": aux["nll"] / denom, "tokens": total_tokens, **extra}
         return state, metrics

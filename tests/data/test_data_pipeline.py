@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpost.data import pipeline, synthetic
-from dpost.data.formatting import format_example
+from dpost.data.formatting import format_example, format_prompt
 from dpost.data.pipeline import bucket_length, collate, make_batch, make_loader
 
 
@@ -183,3 +183,75 @@ def test_eval_loader_keeps_everything_in_lockstep():
 def test_collate_rejects_too_many_items():
     with pytest.raises(ValueError):
         collate(_items(5), pad_id=0, max_prompt_len=16, max_completion_len=16, batch_size=4)
+
+
+# -- completions after a fixed prompt (DPO pair sides), under a SentencePiece-style tokenizer -------
+
+QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+RATIONALE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+
+
+def metaspace_tokenizer():
+    """A Llama-2-like tokenizer built locally: Unigram pieces, word starts marked by '▁' (Metaspace),
+    whole '▁word' pieces scored above characters, so a word tokenizes differently at the start of a
+    text ('▁Natalia') than right after a newline ('N', 'a', ...), as in SentencePiece."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    text = " ".join([format_prompt("llama", QUESTION), RATIONALE, "He wrong answer is 50"])
+    chars = sorted(set(text.replace(" ", "")))
+    words = sorted({w for line in text.split("\n") for w in line.split()})
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -3.0)]
+    pieces += [(c, -5.0) for c in chars] + [("▁" + w, -2.0) for w in words]
+    tok = tokenizers.Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def test_completion_after_prompt_is_tokenized_as_sft_does():
+    tok = metaspace_tokenizer()
+    prompt_text = format_prompt("llama", QUESTION)
+    for target in (RATIONALE, "wrong answer is 50\n#### 50"):
+        (sft,) = pipeline.tokenize_examples([(prompt_text, target)], tok, "llama", max_prompt_len=256,
+                                            max_completion_len=384).items
+        side = pipeline.encode_completion(tok, "llama", prompt_text, target)
+        assert side == sft["completion"].tolist()
+        assert sft["prompt"].tolist() == pipeline.encode_prompt(tok, "llama", prompt_text)
+        # tokenized alone, the first word would carry the word-start marker SFT never saw
+        alone = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert alone != side and tok.convert_ids_to_tokens(alone[0]).startswith("▁")
+        assert not tok.convert_ids_to_tokens(side[0]).startswith("▁")
+        assert tok.decode(pipeline.encode_prompt(tok, "llama", prompt_text) + side,
+                          skip_special_tokens=True) == prompt_text + target
+    # t5: the decoder's sequence is the target alone, in SFT and in pairs
+    (sft,) = pipeline.tokenize_examples([(QUESTION, "He sold 24.")], tok, "t5", max_prompt_len=256,
+                                        max_completion_len=384).items
+    assert pipeline.encode_completion(tok, "t5", QUESTION, "He sold 24.") == sft["completion"].tolist()
+    assert sft["completion"].tolist() == tok("He sold 24.", add_special_tokens=False)["input_ids"] + [2]
+
+
+def test_pair_sides_without_sampler_ids_match_sft():
+    from dpost import stages
+    from dpost.models.bundle import ModelBundle
+
+    tok = metaspace_tokenizer()
+    bundle = ModelBundle("llama", None, None, tok, None)
+    prompt_text = format_prompt("llama", QUESTION)
+    wrong = "wrong answer is 50\n#### 50"
+    harvested = [7, 8, 9, tok.eos_token_id]
+    rows = [{"id": "q0", "question": QUESTION, "chosen": RATIONALE, "rejected": wrong,
+             "chosen_ids": None, "rejected_ids": None, "chosen_ref": None, "rejected_ref": None},
+            {"id": "q1", "question": QUESTION, "chosen": RATIONALE, "rejected": wrong,
+             "chosen_ids": None, "rejected_ids": harvested, "chosen_ref": None, "rejected_ref": -3.5}]
+    items, refs, kept = stages._pair_items(bundle, rows, 256, 384)
+    sft = pipeline.tokenize_examples([(prompt_text, RATIONALE), (prompt_text, wrong)], tok, "llama",
+                                     max_prompt_len=256, max_completion_len=384).items
+    assert len(items) == 2 and kept == rows and refs == [[None, None], [None, -3.5]]
+    for item in items:
+        assert item["prompt"].tolist() == sft[0]["prompt"].tolist()
+        assert item["chosen"].tolist() == sft[0]["completion"].tolist()
+    assert items[0]["rejected"].tolist() == sft[1]["completion"].tolist()
+    assert items[1]["rejected"].tolist() == harvested  # sampler ids are used as they are

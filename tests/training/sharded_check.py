@@ -2,7 +2,8 @@
 
 Runs one SFT step and one DPO step (AdamW) sharded with gradient accumulation 2 and on a single
 device without accumulation, from the same params and batch (so this also checks that accumulation
-over micro-batches equals the full batch), and prints a JSON report (differences, shardings) on the last line.
+over micro-batches equals the full batch), then an SFT step with dropout both ways (same accumulation),
+and prints a JSON report (differences, shardings) on the last line.
 XLA_FLAGS must be set by the parent before this interpreter starts.
 """
 
@@ -86,6 +87,18 @@ def main():
             "mu_embed_spec": str(mu2["embed"].sharding.spec),
             "cache_size": len(step.programs),
         }
+    # dropout: the same masks on one device and sharded (partitionable threefry), same accumulation
+    sharded_state = training.create_train_state(jax.device_put(params, psh), tx, shardings=ssh)
+    single = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2, dropout=0.1)
+    s1, m1 = single(training.create_train_state(params, tx), sft_batch)
+    step = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2, dropout=0.1, mesh=mesh,
+                                  state_shardings=ssh)
+    s2, m2 = step(sharded_state, training.put_batch(sft_batch, mesh))
+    report["sft_dropout"] = {
+        "loss_single": float(m1["loss"]), "loss_sharded": float(m2["loss"]),
+        "max_abs_param_diff": max(jax.tree.leaves(jax.tree.map(
+            lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), s2.params, s1.params))),
+    }
     print(json.dumps(report))
 
 

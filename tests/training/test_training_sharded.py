@@ -1,5 +1,6 @@
 """8 simulated CPU devices (child process; mesh data=2, fsdp=2, tensor=2): a sharded SFT and DPO
-step equals the single-device step, and params/optimizer state are really sharded."""
+step (and an SFT step with dropout) equals the single-device step, and params/optimizer state are
+really sharded."""
 
 from __future__ import annotations
 
@@ -30,3 +31,8 @@ def test_sharded_steps_equal_single_device():
         assert r["mu_q_shard_shape"] == r["q_shard_shape"]
         assert r["embed_spec"] == r["mu_embed_spec"]
         assert r["cache_size"] == 1
+    # dropout masks do not depend on the sharding, and they do change the loss
+    r = report["sft_dropout"]
+    assert abs(r["loss_sharded"] - r["loss_single"]) <= 1e-5 * abs(r["loss_single"]), r
+    assert r["max_abs_param_diff"] < 1e-4, r
+    assert r["loss_single"] != report["sft"]["metrics_single"]["loss"]

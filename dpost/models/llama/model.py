@@ -10,6 +10,10 @@ scoring, training and sampling:
   decode_step(tokens [B*n], state) -> (logits [B*n, V], state)
 
 Prompts are left-padded so that every row's last prompt token sits at the same slot.
+
+`dropout_rate` > 0 (training only: the SFT step clones the module with it) drops attention
+probabilities as transformers' LlamaAttention does with `attention_dropout`; it needs a "dropout"
+rng. At 0 (every module as loaded) the model is deterministic and takes no rng.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dpost.models import layers
-from dpost.models.layers import NEG_INF, RMSNorm, constrain, param_with_axes
+from dpost.models.layers import NEG_INF, RMSNorm, constrain, dropout, param_with_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +96,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class Attention(nn.Module):
     config: LlamaConfig
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, positions, mask, cache, cache_index, layer):
@@ -147,6 +152,7 @@ class Attention(nn.Module):
             scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
             scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv, g, t, s), NEG_INF)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * t, s)
+            probs = dropout(self.dropout_rate)(probs)  # identity at rate 0
             out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
             out = out.reshape(b, kv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
         out = constrain(out, ("batch", "length", "act_heads", None))
@@ -175,6 +181,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, carry, positions, mask, cache_index, layer):
@@ -182,7 +189,7 @@ class DecoderLayer(nn.Module):
         prefill), this layer's own cache with `layer` None (unrolled decode), or None (training)."""
         cfg = self.config
         x, cache = carry
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, self.dropout_rate, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, mask, cache, cache_index, layer
         )
         x = x + h
@@ -192,6 +199,7 @@ class DecoderLayer(nn.Module):
 
 class Llama(nn.Module):
     config: LlamaConfig
+    dropout_rate: float = 0.0  # training only (see the module doc)
 
     def setup(self):
         cfg = self.config
@@ -204,11 +212,11 @@ class Llama(nn.Module):
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),  # positions, mask, cache index; layer index
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
+        )(cfg, self.dropout_rate, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = param_with_axes(

@@ -23,6 +23,11 @@ family-agnostic):
 Relative positions are differences of slot indices, so left padding of the prompt (masked as keys)
 gives the same result as no padding. The decoder cache has max_new_tokens + 1 slots (the start token
 plus one per decode step), so — as with Llama — up to max_new_tokens decode steps may follow prefill.
+
+`dropout_rate` > 0 (training only: the SFT step clones the module with it) drops where
+transformers' T5 applies `dropout_rate`: each stack's embedded input and final-norm output, the
+attention probabilities, each sublayer's output before its residual add, and the feed-forward
+activations before `wo`. It needs a "dropout" rng; at 0 (every module as loaded) nothing changes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpost.models import layers
-from dpost.models.layers import NEG_INF, RMSNorm, constrain, param_with_axes
+from dpost.models.layers import NEG_INF, RMSNorm, constrain, dropout, param_with_axes
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -136,10 +141,12 @@ class Attention(nn.Module):
     """Multi-head attention without scaling; bias (relative positions) and mask come from the stack."""
 
     config: T5Config
+    dropout_rate: float = 0.0
 
     def setup(self):
         cfg = self.config
         d, h, hd = cfg.d_model, cfg.num_heads, cfg.d_kv
+        self.dropout = dropout(self.dropout_rate)
         normal = nn.initializers.normal
         self.q = param_with_axes(self, "q", normal((d * hd) ** -0.5), (d, h, hd), ("embed", "heads", "head_dim"))
         self.k = param_with_axes(self, "k", normal(d**-0.5), (d, h, hd), ("embed", "heads", "head_dim"))
@@ -162,7 +169,7 @@ class Attention(nn.Module):
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask, scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(dt))
         out = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(dt))
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("btnh,nhd->btd", out, self.o.astype(dt))
@@ -170,6 +177,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -183,28 +191,31 @@ class MLP(nn.Module):
             hidden = act(x @ w_in("wi_0").astype(dt)) * (x @ w_in("wi_1").astype(dt))
         else:
             hidden = act(x @ w_in("wi").astype(dt))
-        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+        hidden = constrain(dropout(self.dropout_rate)(hidden), ("batch", "length", "act_mlp"))
         wo = param_with_axes(self, "wo", nn.initializers.normal(f**-0.5), (f, d), ("mlp", "embed"))
         return hidden @ wo.astype(dt)
 
 
 class EncoderLayer(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, bias, mask):
         cfg = self.config
         dt = cfg.compute_dtype
-        attn = Attention(cfg, name="attn")
+        rate = self.dropout_rate
+        attn = Attention(cfg, rate, name="attn")
         h = RMSNorm(cfg.layer_norm_epsilon, dt, name="attn_norm")(x)
         k, v = attn.project_kv(h)
-        x = x + attn(h, k, v, bias, mask)
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.layer_norm_epsilon, dt, name="mlp_norm")(x))
+        x = x + dropout(rate)(attn(h, k, v, bias, mask))
+        x = x + dropout(rate)(MLP(cfg, rate, name="mlp")(RMSNorm(cfg.layer_norm_epsilon, dt, name="mlp_norm")(x)))
         return constrain(x, ("batch", "length", "act_embed")), None
 
 
 class DecoderLayer(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x, self_bias, self_mask, enc, cross_mask, cache_index, cache, cross_kv):
@@ -213,17 +224,18 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dt = cfg.compute_dtype
         eps = cfg.layer_norm_epsilon
+        rate = self.dropout_rate
 
-        attn = Attention(cfg, name="self_attn")
+        attn = Attention(cfg, rate, name="self_attn")
         h = RMSNorm(eps, dt, name="self_attn_norm")(x)
         k, v = attn.project_kv(h)
         if cache is not None:  # write this step's keys/values at cache_index, attend over the cache
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             cache = {"k": k, "v": v}
-        x = x + attn(h, k, v, self_bias, self_mask)
+        x = x + dropout(rate)(attn(h, k, v, self_bias, self_mask))
 
-        cross = Attention(cfg, name="cross_attn")
+        cross = Attention(cfg, rate, name="cross_attn")
         new_cross_kv = None
         if cross_kv is None:
             ck, cv = cross.project_kv(enc)
@@ -231,23 +243,24 @@ class DecoderLayer(nn.Module):
                 new_cross_kv = {"k": ck, "v": cv}
         else:
             ck, cv = cross_kv["k"], cross_kv["v"]
-        x = x + cross(RMSNorm(eps, dt, name="cross_attn_norm")(x), ck, cv, None, cross_mask)
+        x = x + dropout(rate)(cross(RMSNorm(eps, dt, name="cross_attn_norm")(x), ck, cv, None, cross_mask))
 
-        x = x + MLP(cfg, name="mlp")(RMSNorm(eps, dt, name="mlp_norm")(x))
+        x = x + dropout(rate)(MLP(cfg, rate, name="mlp")(RMSNorm(eps, dt, name="mlp_norm")(x)))
         return constrain(x, ("batch", "length", "act_embed")), (cache, new_cross_kv)
 
 
-def _scanned(layer_cls, config: T5Config, length: int, num_broadcast: int, num_sliced: int, name: str):
+def _scanned(layer_cls, config: T5Config, length: int, num_broadcast: int, num_sliced: int, name: str,
+             dropout_rate: float):
     if config.remat:
         layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_sliced,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(config, name=name)
+    )(config, dropout_rate, name=name)
 
 
 def _relpos_table(module: nn.Module, cfg: T5Config):
@@ -259,12 +272,14 @@ def _relpos_table(module: nn.Module, cfg: T5Config):
 
 class Encoder(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0
 
     def setup(self):
         cfg = self.config
         self.relpos = _relpos_table(self, cfg)
-        self.layers = _scanned(EncoderLayer, cfg, cfg.num_layers, 2, 0, "layers")
+        self.layers = _scanned(EncoderLayer, cfg, cfg.num_layers, 2, 0, "layers", self.dropout_rate)
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype)
+        self.dropout = dropout(self.dropout_rate)  # stack input and output
 
     def __call__(self, x, mask):
         """x [B, S, D] embedded tokens; mask [B, S] bool (False at padding) -> [B, S, D]."""
@@ -274,18 +289,20 @@ class Encoder(nn.Module):
             pos[None, :] - pos[:, None], True, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         )
         bias = position_bias(self.relpos, jnp.asarray(buckets))
-        x, _ = self.layers(x, bias, mask[:, None, None, :])
-        return constrain(self.final_norm(x), ("batch", "length", "act_embed"))
+        x, _ = self.layers(self.dropout(x), bias, mask[:, None, None, :])
+        return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed"))
 
 
 class Decoder(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0
 
     def setup(self):
         cfg = self.config
         self.relpos = _relpos_table(self, cfg)
-        self.layers = _scanned(DecoderLayer, cfg, cfg.num_decoder_layers, 5, 2, "layers")
+        self.layers = _scanned(DecoderLayer, cfg, cfg.num_decoder_layers, 5, 2, "layers", self.dropout_rate)
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype)
+        self.dropout = dropout(self.dropout_rate)  # stack input and output
 
     def __call__(self, x, enc, enc_mask, cache=None, cache_index=None, cross_kv=None):
         """x [B, T, D] embedded decoder tokens; enc [B, S, D] (None when cross_kv is given); enc_mask [B, S].
@@ -320,8 +337,8 @@ class Decoder(nn.Module):
         if isinstance(cache, tuple):  # decoding: one cache and cross-kv buffer per layer, layers unrolled
             x, cache = self._unrolled(x, bias, self_mask, cross_mask, index, cache, cross_kv)
             return constrain(self.final_norm(x), ("batch", "length", "act_embed")), cache, None
-        x, (cache, new_cross_kv) = self.layers(x, bias, self_mask, enc, cross_mask, index, cache, cross_kv)
-        return constrain(self.final_norm(x), ("batch", "length", "act_embed")), cache, new_cross_kv
+        x, (cache, new_cross_kv) = self.layers(self.dropout(x), bias, self_mask, enc, cross_mask, index, cache, cross_kv)
+        return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed")), cache, new_cross_kv
 
     def _unrolled(self, x, bias, self_mask, cross_mask, index, cache, cross_kv):
         """Per-layer params (the `decode_layout` split, else slices of the stacked ones) and per-layer
@@ -339,6 +356,7 @@ class Decoder(nn.Module):
 
 class T5(nn.Module):
     config: T5Config
+    dropout_rate: float = 0.0  # training only (see the module doc)
 
     FP32_PARAMS = ("relpos",)  # relative-position bias tables: the bias is added to fp32 scores
 
@@ -347,8 +365,8 @@ class T5(nn.Module):
         self.embed = param_with_axes(
             self, "embed", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed")
         )
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, self.dropout_rate)
+        self.decoder = Decoder(cfg, self.dropout_rate)
         if not cfg.tie_word_embeddings:
             self.lm_head = param_with_axes(
                 self, "lm_head", nn.initializers.normal(cfg.d_model**-0.5), (cfg.d_model, cfg.vocab_size),
