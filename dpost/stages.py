@@ -260,7 +260,7 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     state, shardings = _train_state(base, optimizer, seed, mesh, rules)
     step = training.make_sft_step(base.module, optimizer, lr_schedule=training.make_schedule(opt_cfg),
                                   grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
-                                  logits_chunk=cfg.model.logits_chunk or None)
+                                  logits_chunk=cfg.model.logits_chunk or None, dropout=cfg.model.dropout)
     p_len, c_len = _fixed_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     pad = base.pad_token_id
     data = pipeline.make_loader(tok.items, batch_size=batch_size // jax.process_count(), pad_id=pad,

@@ -135,6 +135,17 @@ def test_answer_only_questions_end_to_end(tmp_path):
     assert load_results(tmp_path)["stages"][2]["beyond_gold"] == len(labels) - 16
 
 
+def test_dropout_reaches_the_sft_stage(tmp_path, reference_run):
+    """model.dropout changes the warm-up's training (same config and seed otherwise)."""
+    run_main(tmp_path, "--config.method=sft", "--config.model.dropout=0.3")
+
+    def final_loss(root):
+        with open(os.path.join(root, "iter_0", "sft", "manifest.json")) as f:
+            return json.load(f)["final_loss"]
+
+    assert abs(final_loss(tmp_path) - final_loss(reference_run)) > 1e-3
+
+
 @pytest.mark.parametrize("method,stages", [("sft", [(0, "sft")]), ("st", [(0, "sft"), (1, "sft")])])
 def test_other_methods_end_to_end(tmp_path, method, stages):
     run_main(tmp_path, f"--config.method={method}", "--config.model.logits_chunk=0")  # the whole head at once
