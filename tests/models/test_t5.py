@@ -56,18 +56,24 @@ PROMPT_LENS = (12, 8, 5)  # left-padded to 12
 COMPLETION_LENS = (9, 6, 3)  # right-padded to 9
 
 
-@functools.lru_cache(maxsize=None)
-def build(case: str, seed: int = 0):
-    """(torch model, T5Config, dpost params) for a tiny random HF T5 with non-trivial norms/biases."""
-    torch.manual_seed(seed)
-    hf_cfg = transformers.T5Config(**CASES[case], dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+def randomize_norms_and_biases(model):
+    """Non-trivial layer norm scales and relative position biases (transformers initialises them to 1, ~0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
             elif "relative_attention_bias" in name:
                 p.copy_(torch.randn_like(p))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def build(case: str, seed: int = 0):
+    """(torch model, T5Config, dpost params) for a tiny random HF T5 with non-trivial norms/biases."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.T5Config(**CASES[case], dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    model = randomize_norms_and_biases(transformers.T5ForConditionalGeneration(hf_cfg).eval())
+    with torch.no_grad():
         if not CASES[case]["tie_word_embeddings"]:  # transformers 5 ties lm_head in memory: untie it
             model.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn_like(model.shared.weight))
     tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -321,13 +327,8 @@ def saved_hf_t5(folder, tied: bool, scaled: bool, seed: int = 0):
     # T5Config(tie_word_embeddings=False) is transformers 5's way to an unscaled head (still tied).
     hf_cfg = transformers.T5Config(**HEAD_BASE, tie_word_embeddings=scaled)
     hf_cfg.tie_word_embeddings = tied  # a separate lm_head (and, in transformers 5, stack embeddings)
-    model = transformers.T5ForConditionalGeneration(hf_cfg)
+    model = randomize_norms_and_biases(transformers.T5ForConditionalGeneration(hf_cfg))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif "relative_attention_bias" in name:
-                p.copy_(torch.randn_like(p))
         if not tied:  # one input embedding, as in every released T5 (separate ones are refused: below)
             model.encoder.embed_tokens.weight.copy_(model.shared.weight)
             model.decoder.embed_tokens.weight.copy_(model.shared.weight)
@@ -336,9 +337,18 @@ def saved_hf_t5(folder, tied: bool, scaled: bool, seed: int = 0):
     return transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
 
 
-def dpost_logits(bundle, prompt, prompt_mask, completion, completion_mask):
-    _, logits, _ = forward_fn(bundle.config)(bundle.params, prompt, prompt_mask, completion, completion_mask)
-    return np.asarray(logits)
+def assert_loads_like(folder, reference, tied: bool, scaled: bool, seed: int):
+    """models.load reads the head's two facts and gives the reference's logits; -> (bundle, batch, logits)."""
+    from dpost import models
+
+    bundle = models.load(f"hf:{folder}")
+    assert (bundle.config.tie_word_embeddings, bundle.config.scale_decoder_outputs) == (tied, scaled)
+    assert ("lm_head" in bundle.params) == (not tied)
+    prompt, prompt_mask, completion, completion_mask = batch(bundle.config, seed=seed)
+    ref = torch_logits(reference, prompt, prompt_mask, decoder_inputs(bundle.config, completion))
+    _, ours, _ = forward_fn(bundle.config)(bundle.params, prompt, prompt_mask, completion, completion_mask)
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    return bundle, (prompt, prompt_mask, completion), ref
 
 
 @pytest.mark.parametrize("tied,scaled", HEADS)
@@ -350,13 +360,7 @@ def test_head_facts_load_and_export_match_transformers(tied, scaled, tmp_path):
     assert written["scale_decoder_outputs"] == scaled
     assert (reference.lm_head.weight.data_ptr() == reference.shared.weight.data_ptr()) == tied
 
-    bundle = models.load(f"hf:{tmp_path / 'hf'}")
-    assert (bundle.config.tie_word_embeddings, bundle.config.scale_decoder_outputs) == (tied, scaled)
-    assert ("lm_head" in bundle.params) == (not tied)
-    prompt, prompt_mask, completion, completion_mask = batch(bundle.config, seed=4)
-    ref = torch_logits(reference, prompt, prompt_mask, decoder_inputs(bundle.config, completion))
-    assert np.abs(dpost_logits(bundle, prompt, prompt_mask, completion, completion_mask) - ref).max() <= 1e-4
-
+    bundle, (prompt, prompt_mask, completion), ref = assert_loads_like(tmp_path / "hf", reference, tied, scaled, 4)
     models.export_hf(bundle, str(tmp_path / "out"))
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (exported["tie_word_embeddings"], exported["scale_decoder_outputs"]) == (tied, scaled)
@@ -370,32 +374,20 @@ def test_head_facts_load_and_export_match_transformers(tied, scaled, tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 def test_transformers4_config_one_flag_for_both(tied, tmp_path):
     """A config.json without scale_decoder_outputs (transformers 4): tie_word_embeddings is both facts."""
-    from dpost import models
-
     reference = saved_hf_t5(tmp_path, tied, tied)
     hf = json.loads((tmp_path / "config.json").read_text())
     del hf["scale_decoder_outputs"]
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    bundle = models.load(f"hf:{tmp_path}")
-    assert (bundle.config.tie_word_embeddings, bundle.config.scale_decoder_outputs) == (tied, tied)
-    prompt, prompt_mask, completion, completion_mask = batch(bundle.config, seed=5)
-    ref = torch_logits(reference, prompt, prompt_mask, decoder_inputs(bundle.config, completion))
-    assert np.abs(dpost_logits(bundle, prompt, prompt_mask, completion, completion_mask) - ref).max() <= 1e-4
+    assert_loads_like(tmp_path, reference, tied, tied, 5)
 
 
 def test_resaved_untied_head_declared_tied(tmp_path):
     """transformers 5 re-saves an untied Flan-T5 with tie_word_embeddings=true and a distinct
     lm_head.weight; it unties on load, and so must dpost."""
-    from dpost import models
-
     saved_hf_t5(tmp_path / "first", tied=False, scaled=False).save_pretrained(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "config.json").read_text())["tie_word_embeddings"] is True
     reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "resaved").eval()
-    bundle = models.load(f"hf:{tmp_path / 'resaved'}")
-    assert (bundle.config.tie_word_embeddings, bundle.config.scale_decoder_outputs) == (False, False)
-    prompt, prompt_mask, completion, completion_mask = batch(bundle.config, seed=6)
-    ref = torch_logits(reference, prompt, prompt_mask, decoder_inputs(bundle.config, completion))
-    assert np.abs(dpost_logits(bundle, prompt, prompt_mask, completion, completion_mask) - ref).max() <= 1e-4
+    assert_loads_like(tmp_path / "resaved", reference, False, False, 6)
 
 
 def test_separate_stack_embedding_refused(tmp_path):
