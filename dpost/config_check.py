@@ -184,8 +184,6 @@ CROSS_FIELD_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
      "config field 'eval.checkpoint' is empty; mode 'eval' needs one of " + _weights_forms(allow_scratch=False)),
     (lambda c: c.mode == "train" and c.model.source == SCRATCH and c.model.family == "",
      "config field 'model.family' is empty; model.source 'scratch' needs a family"),
-    (lambda c: c.mode == "train" and c.model.source == SCRATCH and c.data.source != "synthetic",
-     "config field 'data.source' must be 'synthetic' when model.source is 'scratch' (its tokenizer)"),
 )
 
 

@@ -121,8 +121,6 @@ def test_cross_field_rules():
     assert config_check.problems(with_field(evaluation, "eval.checkpoint", "orbax:/ckpt")) == []
     assert config_check.problems(with_field(load_config(), "model.family", "")) == [
         "config field 'model.family' is empty; model.source 'scratch' needs a family"]
-    assert config_check.problems(with_field(load_config(), "data.source", "local")) == [
-        "config field 'data.source' must be 'synthetic' when model.source is 'scratch' (its tokenizer)"]
 
 
 def test_missing_field_named():
