@@ -4,9 +4,9 @@
 dpost.compare`) and raises one ValueError whose one line names every offending field by its full
 path, its value and what is allowed. Nothing is mapped silently: a misspelled enumerated value is an
 error, never a fallback. Enumerations come from the code that implements them (loss types from
-dpost.training, families from the model registry, OOD sets from dpost.data.ood), so the table and
-the code cannot drift. To validate a new field, add one row to RULES (or a cross-field rule to
-CROSS_FIELD_RULES).
+dpost.training, families from the model registry, OOD sets from dpost.data.ood, weight-source
+schemes from dpost.models.sources), so the table and the code cannot drift. To validate a new
+field, add one row to `rules()` (or a cross-field rule to `cross_field_rules()`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ MODES = ("train", "eval")
 DPO_REFERENCES = ("precomputed", "in_step")
 DATA_SOURCES = ("local", "hub", "synthetic")
 DTYPES = ("float32", "bfloat16")
-WEIGHT_SCHEMES = ("hf", "gguf", "orbax")  # <scheme>:<location>, as dpost.models.sources reads them
 SCRATCH = "scratch"
 
 
@@ -71,8 +70,14 @@ MESH_SIZE = Rule("an integer >= 1, or -1 (all remaining devices)", lambda v: _is
 POSITIVE_INTS = Rule("a tuple of integers >= 1", lambda v: isinstance(v, (tuple, list)) and all(_is_int(x) and x >= 1 for x in v))
 
 
+def _weight_schemes() -> tuple[str, ...]:
+    from dpost.models.sources import SCHEMES  # <scheme>:<location>, as models.load reads them
+
+    return SCHEMES
+
+
 def _weights_forms(allow_scratch: bool) -> str:
-    return ", ".join([f"{s}:<location>" for s in WEIGHT_SCHEMES] + ([SCRATCH] if allow_scratch else []))
+    return ", ".join([f"{s}:<location>" for s in _weight_schemes()] + ([SCRATCH] if allow_scratch else []))
 
 
 def _weights_source(allow_scratch: bool, allow_empty: bool) -> Rule:
@@ -85,7 +90,7 @@ def _weights_source(allow_scratch: bool, allow_empty: bool) -> Rule:
         if v == SCRATCH:
             return allow_scratch
         scheme, sep, location = v.partition(":")
-        return bool(sep) and scheme in WEIGHT_SCHEMES and bool(location)
+        return bool(sep) and scheme in _weight_schemes() and bool(location)
 
     return Rule("one of " + _weights_forms(allow_scratch) + (", ''" if allow_empty else ""), accepts)
 
@@ -176,15 +181,16 @@ def rules() -> dict[str, Rule]:
     }
 
 
-# Rules across fields: (applies to config, message). Checked only when every field is valid alone.
-CROSS_FIELD_RULES: tuple[tuple[Callable[[Any], bool], str], ...] = (
-    (lambda c: c.mode == "train" and c.model.source == "",
-     "config field 'model.source' is empty; mode 'train' needs one of " + _weights_forms(allow_scratch=True)),
-    (lambda c: c.mode == "eval" and c.eval.checkpoint == "",
-     "config field 'eval.checkpoint' is empty; mode 'eval' needs one of " + _weights_forms(allow_scratch=False)),
-    (lambda c: c.mode == "train" and c.model.source == SCRATCH and c.model.family == "",
-     "config field 'model.family' is empty; model.source 'scratch' needs a family"),
-)
+def cross_field_rules() -> tuple[tuple[Callable[[Any], bool], str], ...]:
+    """(applies to config, message) pairs; checked only when every field is valid alone."""
+    return (
+        (lambda c: c.mode == "train" and c.model.source == "",
+         "config field 'model.source' is empty; mode 'train' needs one of " + _weights_forms(allow_scratch=True)),
+        (lambda c: c.mode == "eval" and c.eval.checkpoint == "",
+         "config field 'eval.checkpoint' is empty; mode 'eval' needs one of " + _weights_forms(allow_scratch=False)),
+        (lambda c: c.mode == "train" and c.model.source == SCRATCH and c.model.family == "",
+         "config field 'model.family' is empty; model.source 'scratch' needs a family"),
+    )
 
 
 def _lookup(config, path: str):
@@ -206,7 +212,7 @@ def problems(config) -> list[str]:
         if not rule.accepts(value):
             found.append(f"config field '{path}' = {value!r}: expected {rule.allowed}")
     if not found:
-        found = [message for applies, message in CROSS_FIELD_RULES if applies(config)]
+        found = [message for applies, message in cross_field_rules() if applies(config)]
     return found
 
 
@@ -218,7 +224,7 @@ def check(config) -> None:
 
 
 def check_values(path: str, values, flag: str) -> None:
-    """Raises ValueError naming `flag` when a command-line list gives `path` a value RULES refuses."""
+    """Raises ValueError naming `flag` when a command-line list gives `path` a value `rules()` refuses."""
     rule = rules()[path]
     bad = [v for v in values if not rule.accepts(v)]
     if bad:
