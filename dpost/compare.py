@@ -23,7 +23,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from dpost import reports, startup, stats
+from dpost import config_check, reports, startup, stats
 from dpost.workdir import absolute, write_json_atomic, write_text_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -227,6 +227,8 @@ def main(argv) -> int:
     root = absolute(_WORKDIR.value or "runs/compare")
     runs: dict[str, list[dict]] = {}
     try:
+        config_check.check(base)
+        config_check.check_values("method", _METHODS.value, "--methods")
         for seed in map(int, _SEEDS.value):
             first = None
             for method in _METHODS.value:

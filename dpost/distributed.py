@@ -10,8 +10,9 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpost import sharding
 
@@ -83,6 +84,39 @@ def exit_now_if_multi_process(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+# -- agreeing on stopping (preemption) --------------------------------------------------------------
+
+class StopVote:
+    """The processes agree on stopping before any collective save: a SIGTERM reaches one host, but
+    a checkpoint save is collective, so a host that saved alone would hang the others.
+
+    Each step every process casts its local flag into a max over all devices (one tiny all-reduce,
+    dispatched asynchronously behind the step); `decided` returns the previous step's result, so
+    reading it waits only for the previous step while this one runs, and every process sees the
+    same answer at the same step. One process: the local flag itself, no collective.
+    """
+
+    def __init__(self):
+        self.multi_process = jax.process_count() > 1
+        self._pending = None
+        if self.multi_process:
+            mesh = Mesh(np.asarray(jax.devices()), ("all",))
+            self._flags = NamedSharding(mesh, PartitionSpec("all"))
+            self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def decided(self, local: bool, last: bool = False) -> bool:
+        """Casts this step's vote; True on every process at the same step once any process voted to
+        stop (the previous step's vote; this step's when `last`, the loop's final step)."""
+        if not self.multi_process:
+            return local
+        flags = np.full(jax.local_device_count(), int(local), np.int32)
+        vote = self._any(jax.make_array_from_process_local_data(self._flags, flags, (jax.device_count(),)))
+        previous, self._pending = self._pending, vote
+        if last:
+            return bool(vote)
+        return previous is not None and bool(previous)
 
 
 # -- host-local meshes (multi-host sampling) -------------------------------------------------------

@@ -41,7 +41,7 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv) -> int:
     del argv
-    from dpost import console, distributed
+    from dpost import config_check, console, distributed
 
     console.configure_logging()
 
@@ -55,6 +55,7 @@ def main(argv) -> int:
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(config_path)
     try:
+        config_check.check(config)  # every field, before anything is loaded or written
         if config.mode == "eval":
             driver.evaluate_checkpoint(config, workdir, config_path=config_path)
         elif config.mode == "train":

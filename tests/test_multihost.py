@@ -1,7 +1,8 @@
 """Multi-host runs simulated on one machine: `python -m dpost.main` as two processes x 2 CPU devices
 (gloo collectives, `--coordinator/--num_processes/--process_id`) against one process x 4 devices.
 
-Covers: one process of two killed mid-stage (after its first shard of `iter_1/sample_labels`)
+Covers: SIGTERM to one process of two (mid-way through the warm-up SFT) stops both at the same
+step with one collective save, and the rerun resumes from it; one process of two killed mid-stage (after its first shard of `iter_1/sample_labels`)
 makes the other exit too, non-zero and with a message, instead of hanging; rerunning both with
 the same workdir resumes and finishes; the resumed two-process run gives the one-process run's
 results.json and final params (to float tolerance, see `test_two_processes_match_one_process`);
@@ -35,6 +36,10 @@ MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
 SHARDS = ["--config.sampling.pairs.shard_questions=8", "--config.sampling.labels.shard_questions=8"]
 HEARTBEAT_S = 10  # a dead process is noticed within this (JAX's default is 100 s)
 KILL = {"DPOST_TEST_KILL_AFTER_SHARD": "iter_1/sample_labels:1"}  # process 1 only: os._exit(17)
+# process 1 only: SIGTERM to itself after warm-up SFT step 2 of 6 (checkpoints every 2 steps); the
+# hosts agree one step later, so both save step 3 (not a regular save step) and exit.
+SIGTERM = {"DPOST_TEST_SIGTERM_AFTER_STEP": "2"}
+PREEMPTED_STEP = 3
 TIMEOUT_S = 420
 
 
@@ -88,7 +93,8 @@ def check_ok(runs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process x 4 devices; two processes, process 1 killed mid-stage; the two rerun."""
+    """One process x 4 devices; two processes, SIGTERM to process 1 in the warm-up; rerun, process 1
+    killed mid-stage; the two rerun."""
     from jax._src.lib import _jax
 
     require(hasattr(_jax, "make_gloo_tcp_collectives"), "jaxlib with gloo CPU collectives")
@@ -96,11 +102,24 @@ def runs(tmp_path_factory):
     one, two = root / "one", root / "two"
     reference = launch(one, "reference", 1)
     check_ok(reference)
+    preempted = launch(two, "preempted", 2, env_for=lambda i: SIGTERM if i == 1 else {})
     killed = launch(two, "killed", 2, env_for=lambda i: KILL if i == 1 else {})
     results_after_kill = os.path.exists(two / "results.json")
     resumed = launch(two, "resumed", 2)
-    return {"one": one, "two": two, "killed": killed, "resumed": resumed, "results_after_kill": results_after_kill,
-            "times": [r["seconds"] for r in reference + killed + resumed]}
+    return {"one": one, "two": two, "preempted": preempted, "killed": killed, "resumed": resumed,
+            "results_after_kill": results_after_kill,
+            "times": [r["seconds"] for r in reference + preempted + killed + resumed]}
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(runs):
+    """Both exit as preempted (128 + SIGTERM) after saving the same step; none saved alone or hung;
+    the rerun (the `killed` launch) resumes the warm-up from that step on both processes."""
+    for i, r in enumerate(runs["preempted"]):
+        assert r["seconds"] is not None, f"process {i} hung:\n" + r["log"][-3000:]
+        assert r["rc"] == 128 + signal.SIGTERM, f"process {i} exited {r['rc']}:\n{r['log'][-3000:]}"
+        assert re.findall(r"\[iter_0/sft\] preempted: saved step (\d+)", r["log"]) == [str(PREEMPTED_STEP)], r["log"][-3000:]
+    for i, r in enumerate(runs["killed"]):
+        assert f"[iter_0/sft] resumed from step {PREEMPTED_STEP}" in r["log"], f"process {i}:\n" + r["log"][-3000:]
 
 
 def test_killed_process_stops_the_other(runs):
@@ -162,6 +181,16 @@ def test_each_shard_written_once_by_its_host(runs):
             assert all(i % 2 == process for i in written), (run, process, written)
     assert any(re.search(r"sample_labels: shard [46]/6 written", r["log"]) for r in runs["resumed"]), \
         "the rerun should have sampled process 1's remaining labels shards"
+
+
+def test_stop_vote_single_process_is_the_local_flag():
+    """One process: no collective, the local flag decides at once (the loop's single-host path)."""
+    from dpost.distributed import StopVote
+
+    vote = StopVote()
+    assert not vote.multi_process
+    assert [vote.decided(f) for f in (False, True, False)] == [False, True, False]
+    assert vote.decided(True, last=True)
 
 
 def test_local_mesh_shape():

@@ -23,7 +23,8 @@ class Family:
         return importlib.import_module(f"{self.package}.params")
 
     # Each family's model.py defines: <Config> dataclass, make_module(config), init_params(config, rng).
-    # Each family's params.py defines: config_from_hf(dict), config_to_hf(config), hf_rules(config).
+    # Each family's params.py defines: config_from_hf(dict), config_to_hf(config), hf_rules(config),
+    # and optionally settle_config(config, tensor getter, source).
     def make_module(self, config) -> Any:
         return self.model.make_module(config)
 
@@ -32,6 +33,11 @@ class Family:
 
     def config_from_hf(self, hf: dict) -> Any:
         return self.params.config_from_hf(hf)
+
+    def settle_config(self, config, getter: Callable[[str], Any], source: str) -> Any:
+        """The config as the checkpoint's tensors settle it (optional params.settle_config; T5: head tying)."""
+        settle = getattr(self.params, "settle_config", None)
+        return settle(config, getter, source) if settle is not None else config
 
     def config_to_hf(self, config) -> dict:
         return self.params.config_to_hf(config)

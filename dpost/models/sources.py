@@ -109,9 +109,10 @@ def _from_hf(location: str, source: str):
     with open(config_path) as f:
         hf_config = json.load(f)
     family = family_for_hf_config(hf_config, source)
-    config = family.config_from_hf(hf_config)
+    getter = _hf_tensor_getter(folder, hf_config, source)
+    config = family.settle_config(family.config_from_hf(hf_config), getter, source)
     tokenizer = _load_tokenizer(folder, source) if _has_tokenizer(folder) else None
-    return family, config, _hf_tensor_getter(folder, hf_config, source), tokenizer
+    return family, config, getter, tokenizer
 
 
 def _has_tokenizer(folder: str) -> bool:

@@ -10,6 +10,8 @@
   data position); the final params equal those of an uninterrupted run, bit for bit.
 * saves: every `save_every` steps and at the end (Orbax, async), keeping the last `keep`.
 * SIGTERM: the loop finishes the current step, saves, and raises `Preempted` (a SystemExit).
+  Multi-host: the hosts first agree (`distributed.StopVote`, one step later), so a SIGTERM to one
+  host stops every host at the same step with one collective save.
 * logs: stdout, `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`), process 0 only;
   a tqdm bar shows loss and tokens/s.
 * shapes: `pad_to` pads every batch to fixed lengths so a stage compiles one program.
@@ -30,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from dpost import distributed
 from dpost import sharding as sharding_lib
 from dpost.training import checkpoints as ckpt_lib
 from dpost.training.state import TrainState
@@ -289,6 +292,8 @@ def run(
     t_window, tokens_window, tokens_total = t_start, 0, 0
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched (keeps dispatch async)
     step = start_step
+    stop_vote = distributed.StopVote()
+    stop_requested = False  # sticky: JAX's preemption sync point is True at one step only
     try:
         with ckpt_lib.PreemptionGuard() as guard:
             while step < cfg.num_steps:
@@ -331,7 +336,8 @@ def run(
                     ckpt.save(state, data_state=position, meta=meta, step=step)
                 if step == sigterm_after:
                     os.kill(os.getpid(), 15)
-                if guard.should_stop(step):
+                stop_requested = guard.should_stop(step) or stop_requested
+                if stop_vote.decided(stop_requested, last=step == cfg.num_steps):
                     if ckpt is not None:
                         ckpt.save(state, data_state=position, meta=meta, force=True)
                         ckpt.wait()

@@ -56,22 +56,28 @@ PROMPT_LENS = (12, 8, 5)  # left-padded to 12
 COMPLETION_LENS = (9, 6, 3)  # right-padded to 9
 
 
-@functools.lru_cache(maxsize=None)
-def build(case: str, seed: int = 0):
-    """(torch model, T5Config, dpost params) for a tiny random HF T5 with non-trivial norms/biases."""
-    torch.manual_seed(seed)
-    hf_cfg = transformers.T5Config(**CASES[case], dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+def randomize_norms_and_biases(model):
+    """Non-trivial layer norm scales and relative position biases (transformers initialises them to 1, ~0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
             elif "relative_attention_bias" in name:
                 p.copy_(torch.randn_like(p))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def build(case: str, seed: int = 0):
+    """(torch model, T5Config, dpost params) for a tiny random HF T5 with non-trivial norms/biases."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.T5Config(**CASES[case], dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
+    model = randomize_norms_and_biases(transformers.T5ForConditionalGeneration(hf_cfg).eval())
+    with torch.no_grad():
         if not CASES[case]["tie_word_embeddings"]:  # transformers 5 ties lm_head in memory: untie it
             model.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn_like(model.shared.weight))
-    cfg = t5_params.config_from_hf(model.config.to_dict())
     tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    cfg = t5_params.settle_config(t5_params.config_from_hf(model.config.to_dict()), tensors.__getitem__, case)
     params = convert.import_params(
         t5_params.hf_rules(cfg), tensors.__getitem__, nn.unbox(abstract(cfg)), None, cfg.num_layers, case
     )
@@ -153,8 +159,9 @@ def test_config_round_trip(case):
     assert cfg == t5_params.config_from_hf(t5_params.config_to_hf(cfg))
     assert cfg.num_decoder_layers == model.config.num_decoder_layers
     assert cfg.tie_word_embeddings == CASES[case]["tie_word_embeddings"]
+    assert cfg.scale_decoder_outputs == CASES[case]["tie_word_embeddings"]  # transformers 4's one flag
     hf = transformers.T5Config(**t5_params.config_to_hf(cfg))
-    assert hf.scale_decoder_outputs == cfg.tie_word_embeddings
+    assert hf.scale_decoder_outputs == cfg.scale_decoder_outputs
     assert hf.is_gated_act == cfg.feed_forward_proj.startswith("gated")
 
 
@@ -182,10 +189,13 @@ def test_config_from_hub_configs():
     assert (flan.tie_word_embeddings, flan.feed_forward_proj, flan.num_decoder_layers) == (False, "gated-gelu", 12)
     names = {r.name for r in t5_params.hf_rules(flan)}
     assert {"lm_head.weight", "decoder.block.{layer}.layer.2.DenseReluDense.wi_1.weight"} <= names
-    # transformers >= 5 re-saves Flan-T5 with tie_word_embeddings=True and scale_decoder_outputs=False.
-    assert not t5_params.config_from_hf(dict(FLAN_T5_BASE, tie_word_embeddings=True, scale_decoder_outputs=False)).tie_word_embeddings
+    assert not flan.scale_decoder_outputs  # transformers 4: tie_word_embeddings implied the scaling
+    # transformers 5 re-saves Flan-T5 declaring the head tied and unscaled (the tensors untie it: below).
+    resaved = t5_params.config_from_hf(dict(FLAN_T5_BASE, tie_word_embeddings=True, scale_decoder_outputs=False))
+    assert (resaved.tie_word_embeddings, resaved.scale_decoder_outputs) == (True, False)
     small = t5_params.config_from_hf(T5_SMALL)
     assert (small.tie_word_embeddings, small.feed_forward_proj, small.num_decoder_layers) == (True, "relu", 6)
+    assert small.scale_decoder_outputs
     names = {r.name for r in t5_params.hf_rules(small)}
     assert "lm_head.weight" not in names and "encoder.block.{layer}.layer.1.DenseReluDense.wi.weight" in names
 
@@ -289,7 +299,8 @@ def test_export_round_trip(case, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(t5_params.config_to_hf(cfg)))
     loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path)).eval()
-    assert t5_params.config_from_hf(loaded.config.to_dict()) == cfg
+    loaded_tensors = {k: v.detach().numpy() for k, v in loaded.state_dict().items()}
+    assert t5_params.settle_config(t5_params.config_from_hf(loaded.config.to_dict()), loaded_tensors.__getitem__, "") == cfg
 
     prompt, prompt_mask, completion, completion_mask = batch(cfg, seed=3)
     dec_in = decoder_inputs(cfg, completion)
@@ -297,6 +308,99 @@ def test_export_round_trip(case, tmp_path):
     assert np.abs(torch_logits(loaded, prompt, prompt_mask, dec_in) - ref).max() <= 1e-5
     _, ours, _ = forward_fn(cfg)(params, prompt, prompt_mask, completion, completion_mask)
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+
+
+# -- the head's two facts, through files transformers writes -----------------------------------------
+
+HEAD_BASE = dict(
+    vocab_size=48, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=1, num_heads=2,
+    relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+)
+HEADS = [(True, True), (True, False), (False, True), (False, False)]  # (tied, scaled)
+
+
+def saved_hf_t5(folder, tied: bool, scaled: bool, seed: int = 0):
+    """A tiny gated-GELU T5 made and saved by transformers with this head; returns the model reloaded
+    from the folder (the reference)."""
+    torch.manual_seed(seed)
+    # T5Config(tie_word_embeddings=False) is transformers 5's way to an unscaled head (still tied).
+    hf_cfg = transformers.T5Config(**HEAD_BASE, tie_word_embeddings=scaled)
+    hf_cfg.tie_word_embeddings = tied  # a separate lm_head (and, in transformers 5, stack embeddings)
+    model = randomize_norms_and_biases(transformers.T5ForConditionalGeneration(hf_cfg))
+    with torch.no_grad():
+        if not tied:  # one input embedding, as in every released T5 (separate ones are refused: below)
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.lm_head.weight.copy_(0.3 * torch.randn_like(model.shared.weight))
+    model.save_pretrained(folder)
+    return transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def assert_loads_like(folder, reference, tied: bool, scaled: bool, seed: int):
+    """models.load reads the head's two facts and gives the reference's logits; -> (bundle, batch, logits)."""
+    from dpost import models
+
+    bundle = models.load(f"hf:{folder}")
+    assert (bundle.config.tie_word_embeddings, bundle.config.scale_decoder_outputs) == (tied, scaled)
+    assert ("lm_head" in bundle.params) == (not tied)
+    prompt, prompt_mask, completion, completion_mask = batch(bundle.config, seed=seed)
+    ref = torch_logits(reference, prompt, prompt_mask, decoder_inputs(bundle.config, completion))
+    _, ours, _ = forward_fn(bundle.config)(bundle.params, prompt, prompt_mask, completion, completion_mask)
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    return bundle, (prompt, prompt_mask, completion), ref
+
+
+@pytest.mark.parametrize("tied,scaled", HEADS)
+def test_head_facts_load_and_export_match_transformers(tied, scaled, tmp_path):
+    from dpost import models
+
+    reference = saved_hf_t5(tmp_path / "hf", tied, scaled)
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["scale_decoder_outputs"] == scaled
+    assert (reference.lm_head.weight.data_ptr() == reference.shared.weight.data_ptr()) == tied
+
+    bundle, (prompt, prompt_mask, completion), ref = assert_loads_like(tmp_path / "hf", reference, tied, scaled, 4)
+    models.export_hf(bundle, str(tmp_path / "out"))
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (exported["tie_word_embeddings"], exported["scale_decoder_outputs"]) == (tied, scaled)
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+    assert reloaded.config.scale_decoder_outputs == scaled
+    assert (reloaded.lm_head.weight.data_ptr() == reloaded.shared.weight.data_ptr()) == tied
+    assert np.abs(torch_logits(reloaded, prompt, prompt_mask, decoder_inputs(bundle.config, completion)) - ref).max() <= 1e-5
+    assert models.load(f"hf:{tmp_path / 'out'}").config == bundle.config
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers4_config_one_flag_for_both(tied, tmp_path):
+    """A config.json without scale_decoder_outputs (transformers 4): tie_word_embeddings is both facts."""
+    reference = saved_hf_t5(tmp_path, tied, tied)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf["scale_decoder_outputs"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert_loads_like(tmp_path, reference, tied, tied, 5)
+
+
+def test_resaved_untied_head_declared_tied(tmp_path):
+    """transformers 5 re-saves an untied Flan-T5 with tie_word_embeddings=true and a distinct
+    lm_head.weight; it unties on load, and so must dpost."""
+    saved_hf_t5(tmp_path / "first", tied=False, scaled=False).save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["tie_word_embeddings"] is True
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "resaved").eval()
+    assert_loads_like(tmp_path / "resaved", reference, False, False, 6)
+
+
+def test_separate_stack_embedding_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from dpost import models
+
+    saved_hf_t5(tmp_path, tied=False, scaled=False)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["decoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] + 1.0
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'decoder\.embed_tokens\.weight' differs from 'shared\.weight'"):
+        models.load(f"hf:{tmp_path}")
 
 
 def test_bf16_compute_smoke():

@@ -70,10 +70,13 @@ def import_hf(family: str, hf_model):
     """(module, config, params, boxed abstract params) for a transformers model."""
     from dpost.models import convert
 
+    from dpost.models.registry import get_family
+
     m, p = family_modules(family)
-    cfg = p.config_from_hf(hf_model.config.to_dict())
-    boxed = jax.eval_shape(lambda: m.init_params(cfg, jax.random.key(0)))
     tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    # transformers 5 declares every T5 head tied; the tensors say whether it is (as in models.load)
+    cfg = get_family(family).settle_config(p.config_from_hf(hf_model.config.to_dict()), tensors.__getitem__, "test")
+    boxed = jax.eval_shape(lambda: m.init_params(cfg, jax.random.key(0)))
     params = convert.import_params(p.hf_rules(cfg), tensors.__getitem__, nn.unbox(boxed), None, cfg.num_layers, "test")
     return m.make_module(cfg), cfg, params, boxed
 

@@ -8,8 +8,10 @@ config dtype (softmax and norms in fp32), encoder and decoder layers scanned (`n
   [buckets, heads] per stack (HF keeps it in the stack's first layer and shares it);
 - the layer norm is an RMS norm without mean subtraction or bias (`layers.RMSNorm`);
 - feed-forward "relu" (original T5) or "gated-gelu" (v1.1 / Flan-T5, tanh-approximate GELU);
-- original T5 ties the head to the shared embedding and scales the decoder output by d_model**-0.5;
-  v1.1 / Flan-T5 has an untied `lm_head` and no scaling (`tie_word_embeddings` selects both).
+- two independent facts about the head, as in transformers 5: `tie_word_embeddings` (the head is the
+  shared embedding) and `scale_decoder_outputs` (the decoder output is scaled by d_model**-0.5).
+  Original T5 has both, v1.1 / Flan-T5 neither; transformers < 5 had one flag for both, which is
+  what `scale_decoder_outputs=None` (the default: same as `tie_word_embeddings`) keeps.
 
 Family interface (same names and meanings as Llama's, so scoring, training and sampling stay
 family-agnostic):
@@ -81,9 +83,8 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"  # "relu" (original T5) | "gated-gelu" (T5 v1.1, Flan-T5)
-    # True: head = shared embedding, decoder output scaled by d_model**-0.5 (original T5).
-    # False: separate lm_head, no scaling (T5 v1.1, Flan-T5).
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # head = shared embedding (original T5); False: separate lm_head
+    scale_decoder_outputs: bool | None = None  # decoder output * d_model**-0.5; None: = tie_word_embeddings
     decoder_start_token_id: int = 0
     pad_token_id: int | None = 0
     eos_token_id: int | None = 1
@@ -93,6 +94,8 @@ class T5Config:
     def __post_init__(self):
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.scale_decoder_outputs is None:  # one flag for both facts, as before transformers 5
+            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
         parse_feed_forward_proj(self.feed_forward_proj)
 
     @property
@@ -385,11 +388,9 @@ class T5(nn.Module):
     def logits(self, hidden):
         cfg = self.config
         dt = cfg.compute_dtype
-        if cfg.tie_word_embeddings:
+        if cfg.scale_decoder_outputs:
             hidden = hidden * jnp.asarray(cfg.d_model**-0.5, dt)
-            head = self.embed.T
-        else:
-            head = self.lm_head
+        head = self.embed.T if cfg.tie_word_embeddings else self.lm_head
         return constrain(hidden @ head.astype(dt), ("batch", "length", "act_vocab"))
 
     def _start_tokens(self, batch: int, dtype=jnp.int32):

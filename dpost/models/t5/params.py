@@ -10,26 +10,28 @@ HF `T5ForConditionalGeneration` state dict (per stack, `{layer}` = block index):
   {stack}.block.{layer}.layer.{1 | 2}.layer_norm.weight / DenseReluDense.{wi_0,wi_1,wo | wi,wo}.weight
   {stack}.final_layer_norm.weight
 
-`encoder.embed_tokens.weight` / `decoder.embed_tokens.weight` are tied to `shared.weight` in
-transformers and are neither read nor written. transformers 5.x always declares the head tied and
-records "original T5" (scaled, tied head) in `scale_decoder_outputs`; it unties `lm_head` on load when
-the checkpoint carries a different `lm_head.weight`, which is what export writes for v1.1 / Flan-T5.
+`encoder.embed_tokens.weight` / `decoder.embed_tokens.weight`, where a file has them, must equal
+`shared.weight` (dpost has one input embedding); they are not written.
+
+The head is two facts (dpost's T5Config has both):
+- scaling: transformers 5 writes `scale_decoder_outputs`; transformers 4 wrote only
+  `tie_word_embeddings`, which implied the scaling (absent: true, original T5).
+- tying: transformers 5 declares every T5 head tied and unties `lm_head` on load exactly when the
+  file carries an `lm_head.weight` that differs from `shared.weight` (a v1.1 / Flan-T5 re-saved by
+  transformers 5 says `tie_word_embeddings: true` and is untied). So the tensors settle it
+  (`settle_config`); config.json alone gives the declared value.
+Export writes both keys; a tied-unscaled or untied-scaled head is read correctly by transformers 5
+only (transformers 4 cannot express it).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from dpost.models.convert import TensorRule
 from dpost.models.t5.model import T5Config, parse_feed_forward_proj
-
-
-def _tied_from_hf(hf: dict) -> bool:
-    # transformers >= 5 forces tie_word_embeddings=True in saved configs and keeps the original
-    # meaning (scaled + tied head, i.e. original T5) in scale_decoder_outputs.
-    if "scale_decoder_outputs" in hf:
-        return bool(hf["scale_decoder_outputs"])
-    return bool(hf.get("tie_word_embeddings", True))
 
 
 def config_from_hf(hf: dict) -> T5Config:
@@ -54,7 +56,8 @@ def config_from_hf(hf: dict) -> T5Config:
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
         feed_forward_proj=hf.get("feed_forward_proj", "relu"),
-        tie_word_embeddings=_tied_from_hf(hf),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))),
         decoder_start_token_id=int(start),
         pad_token_id=pad,
         eos_token_id=eos,
@@ -77,14 +80,36 @@ def config_to_hf(cfg: T5Config) -> dict:
         relative_attention_max_distance=cfg.relative_attention_max_distance,
         layer_norm_epsilon=cfg.layer_norm_epsilon,
         feed_forward_proj=cfg.feed_forward_proj,
-        tie_word_embeddings=cfg.tie_word_embeddings,  # transformers < 5 reads this
-        scale_decoder_outputs=cfg.tie_word_embeddings,  # transformers >= 5 reads this
+        tie_word_embeddings=cfg.tie_word_embeddings,  # transformers 4 reads this for both facts
+        scale_decoder_outputs=cfg.scale_decoder_outputs,  # transformers 5 reads this for the scaling
         decoder_start_token_id=cfg.decoder_start_token_id,
         pad_token_id=cfg.pad_token_id,
         eos_token_id=cfg.eos_token_id,
         dropout_rate=0.1,
         torch_dtype="float32",
     )
+
+
+def settle_config(cfg: T5Config, getter: Callable[[str], np.ndarray], source: str) -> T5Config:
+    """The config as the checkpoint's tensors settle it: the head is tied unless the file has an
+    `lm_head.weight` that differs from `shared.weight` (transformers 5's rule, see above)."""
+    try:
+        shared = getter("shared.weight")
+    except KeyError:
+        return cfg  # import_params reports the missing tensor
+    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        embedding = _optional(getter, name)
+        if embedding is not None and not np.array_equal(embedding, shared):
+            raise ValueError(f"{source}: tensor {name!r} differs from 'shared.weight'; dpost's T5 has one input embedding")
+    head = _optional(getter, "lm_head.weight")
+    return cfg.replace(tie_word_embeddings=head is None or np.array_equal(head, shared))
+
+
+def _optional(getter, name):
+    try:
+        return getter(name)
+    except KeyError:
+        return None
 
 
 def hf_rules(cfg: T5Config) -> list[TensorRule]:
