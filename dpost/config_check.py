@@ -20,6 +20,8 @@ DPO_REFERENCES = ("precomputed", "in_step")
 DATA_SOURCES = ("local", "hub", "synthetic")
 DTYPES = ("float32", "bfloat16")
 SCRATCH = "scratch"
+PRETRAIN = "pretrain"
+GENERATED = (SCRATCH, PRETRAIN)  # model sources built from model.scratch rather than read from weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,7 @@ def _weight_schemes() -> tuple[str, ...]:
 
 
 def _weights_forms(allow_scratch: bool) -> str:
-    return ", ".join([f"{s}:<location>" for s in _weight_schemes()] + ([SCRATCH] if allow_scratch else []))
+    return ", ".join([f"{s}:<location>" for s in _weight_schemes()] + (list(GENERATED) if allow_scratch else []))
 
 
 def _weights_source(allow_scratch: bool, allow_empty: bool) -> Rule:
@@ -87,7 +89,7 @@ def _weights_source(allow_scratch: bool, allow_empty: bool) -> Rule:
             return False
         if v == "":
             return allow_empty
-        if v == SCRATCH:
+        if v in GENERATED:
             return allow_scratch
         scheme, sep, location = v.partition(":")
         return bool(sep) and scheme in _weight_schemes() and bool(location)
@@ -125,6 +127,7 @@ def _sampling_rules(prefix: str) -> dict[str, Rule]:
 def rules() -> dict[str, Rule]:
     """The table (built on call: the enumerations are imported from the modules that own them)."""
     from dpost.data import gsm8k, ood
+    from dpost.data.builders import SIMILARITIES
     from dpost.models.registry import FAMILIES
     from dpost.training.losses import LOSS_TYPES
 
@@ -137,10 +140,12 @@ def rules() -> dict[str, Rule]:
         "model.source": _weights_source(allow_scratch=True, allow_empty=True),  # '' only in mode=eval: below
         "model.family": one_of(("",) + tuple(FAMILIES)),
         "model.dtype": one_of(DTYPES),
+        "model.dropout": number(0, 1, high_open=True),
         "model.remat": BOOLEAN,
         "model.logits_chunk": integer(0),
         "data.source": one_of(DATA_SOURCES),
         "data.max_train": integer(0),
+        "data.labeled": integer(0),
         "data.max_eval": integer(0),
         "data.eval_splits": each_one_of(s for s in gsm8k.SPLITS if s != "train"),
         "data.ood": each_one_of(sorted(ood.LOADERS)),
@@ -166,6 +171,8 @@ def rules() -> dict[str, Rule]:
         "dpo.eval_pairs": integer(0),
         "pairs.max_per_question": integer(1),
         "pairs.dedup_threshold": number(0, 1),
+        "pairs.similarity": one_of(SIMILARITIES),
+        "pseudo_labels.similarity": one_of(SIMILARITIES),
         "pseudo_labels.dedup_threshold": number(0, 1),
         "pseudo_labels.cap_percentile": number(0, 100, low_open=True),
         **_sampling_rules("sampling.pairs"),
@@ -175,6 +182,14 @@ def rules() -> dict[str, Rule]:
         "eval.every_stage": BOOLEAN,
         "eval.pass_at_k": integer(0),
         "eval.pass_at_k_temperature": number(0),
+        "pretrain.corpus.n": integer(1),
+        "pretrain.corpus.seed": integer(0),
+        "pretrain.seed": integer(0),
+        "pretrain.epochs": integer(1),
+        "pretrain.max_steps": integer(0),
+        "pretrain.batch_size": integer(1),
+        **_optimizer_rules("pretrain.optimizer"),
+        "pretrain.checkpoint_every": integer(1),
         "checkpoint.every_steps": integer(1),
         "checkpoint.keep": integer(1),
         "log_every": integer(1),
@@ -188,8 +203,8 @@ def cross_field_rules() -> tuple[tuple[Callable[[Any], bool], str], ...]:
          "config field 'model.source' is empty; mode 'train' needs one of " + _weights_forms(allow_scratch=True)),
         (lambda c: c.mode == "eval" and c.eval.checkpoint == "",
          "config field 'eval.checkpoint' is empty; mode 'eval' needs one of " + _weights_forms(allow_scratch=False)),
-        (lambda c: c.mode == "train" and c.model.source == SCRATCH and c.model.family == "",
-         "config field 'model.family' is empty; model.source 'scratch' needs a family"),
+        (lambda c: c.mode == "train" and c.model.source in GENERATED and c.model.family == "",
+         "config field 'model.family' is empty; model.source 'scratch' or 'pretrain' needs a family"),
     )
 
 

@@ -25,16 +25,13 @@ import jax
 import logging
 from etils import epath
 
-from dpost import evaluation, models, plan, pretrain, reports, sharding, stages
+from dpost import config_check, evaluation, models, plan, pretrain, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
 from dpost.workdir import RunDir, StageDir, absolute
 
 log = logging.getLogger(__name__)
-
-METHODS = ("sft", "st", "dpo_st")
-
 
 @dataclasses.dataclass
 class Run:
@@ -65,8 +62,7 @@ class Run:
 # -- the loop --------------------------------------------------------------------------------------
 
 def run(config, workdir: str, config_path: str = "") -> dict:
-    if config.method not in METHODS:
-        raise ValueError(f"config field 'method' must be one of {METHODS}, got {config.method!r}")
+    config_check.check(config)  # also for callers of the API; python -m dpost.main checked it already
     r = setup(config, workdir, config_path)
     entries = []
 
@@ -249,9 +245,8 @@ def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict 
 
 def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     """mode=eval: evaluates `eval.checkpoint` (orbax:/hf:/gguf:) alone; writes WORKDIR/eval.json."""
+    config_check.check(config)
     source = config.eval.checkpoint
-    if not source:
-        raise ValueError("config field 'eval.checkpoint' is empty; pass --config.eval.checkpoint=orbax:<dir>")
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.sharding.rules)
     task = load_task(config, workdir)

@@ -175,14 +175,11 @@ def question_samples(examples: Sequence[Example], rounds: Sequence[dict[str, lis
 
 # -- preference pairs and pseudo-labels ------------------------------------------------------------
 
-SIMILARITIES = ("subword", "words")
-
-
 def similarity_tokens(similarity: str, tokenizer) -> builders.Tokenize | None:
     """The tokens of the builders' Jaccard similarity: the model tokenizer's sub-word pieces (the
     release's rule) or whitespace words (None)."""
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if similarity not in builders.SIMILARITIES:
+        raise ValueError(f"similarity must be one of {builders.SIMILARITIES}, got {similarity!r}")
     return tokenizer.tokenize if similarity == "subword" else None
 
 
@@ -346,7 +343,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     optimizer = training.make_optimizer(opt_cfg)
     dcfg = training.DPOConfig(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
                               rpo_alpha=cfg.dpo.rpo_alpha or None,
-                              reference="in_step" if cfg.dpo.reference == "in_step" else "precomputed")
+                              reference=cfg.dpo.reference)
     state, shardings = _train_state(policy, optimizer, seed, mesh, rules)
     step = training.make_dpo_step(policy.module, optimizer, dcfg, lr_schedule=training.make_schedule(opt_cfg),
                                   grad_accum=cfg.dpo.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,

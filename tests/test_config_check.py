@@ -52,9 +52,11 @@ ENUMERATED = [
     ("model.dtype", "bf16", "'float32', 'bfloat16'"),
     ("data.ood", ("svamp", "multi-arith"), "'asdiv', 'multiarith', 'svamp'"),
     ("data.eval_splits", ("dev", "validation"), "'dev', 'test'"),
-    ("model.source", "hf/some/dir", "hf:<location>, gguf:<location>, orbax:<location>, scratch, ''"),
-    ("model.source", "safetensors:x", "hf:<location>, gguf:<location>, orbax:<location>, scratch, ''"),
+    ("model.source", "hf/some/dir", "hf:<location>, gguf:<location>, orbax:<location>, scratch, pretrain, ''"),
+    ("model.source", "safetensors:x", "hf:<location>, gguf:<location>, orbax:<location>, scratch, pretrain, ''"),
     ("eval.checkpoint", "scratch", "hf:<location>, gguf:<location>, orbax:<location>, ''"),
+    ("pairs.similarity", "word", "'subword', 'words'"),
+    ("pseudo_labels.similarity", "tokens", "'subword', 'words'"),
 ]
 
 
@@ -73,6 +75,9 @@ NUMERIC = [
     ("dpo.steps", -1, "an integer >= 1"),
     ("sft.batch_size", 0, "an integer >= 1"),
     ("sft.max_steps", -5, "an integer >= 0"),
+    ("data.labeled", -1, "an integer >= 0"),
+    ("model.dropout", 1.0, "a number in [0, 1)"),
+    ("pretrain.batch_size", 0, "an integer >= 1"),
     ("data.max_train", 2.5, "an integer >= 0"),
     ("seed", True, "an integer >= 0"),  # a bool is not an int here
     ("sampling.pairs.top_p", 1.5, "a number in (0, 1]"),
@@ -114,13 +119,13 @@ def test_cross_field_rules():
     train = with_field(load_config(), "model.source", "")
     assert config_check.problems(train) == [
         "config field 'model.source' is empty; mode 'train' needs one of "
-        "hf:<location>, gguf:<location>, orbax:<location>, scratch"]
+        "hf:<location>, gguf:<location>, orbax:<location>, scratch, pretrain"]
     evaluation = with_field(load_config(), "mode", "eval")
     assert config_check.problems(evaluation) == [
         "config field 'eval.checkpoint' is empty; mode 'eval' needs one of hf:<location>, gguf:<location>, orbax:<location>"]
     assert config_check.problems(with_field(evaluation, "eval.checkpoint", "orbax:/ckpt")) == []
     assert config_check.problems(with_field(load_config(), "model.family", "")) == [
-        "config field 'model.family' is empty; model.source 'scratch' needs a family"]
+        "config field 'model.family' is empty; model.source 'scratch' or 'pretrain' needs a family"]
 
 
 def test_missing_field_named():

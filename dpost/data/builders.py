@@ -32,6 +32,7 @@ Tokenize = Callable[[str], Sequence[str]]
 MAX_PAIRS_PER_QUESTION = 3
 DEDUP_THRESHOLD = 0.7
 CAP_PERCENTILE = 90
+SIMILARITIES = ("subword", "words")  # Jaccard tokens: the model tokenizer's sub-word pieces | whitespace words
 
 
 @dataclasses.dataclass
