@@ -16,8 +16,6 @@ from typing import Any, Callable
 
 METHODS = ("sft", "st", "dpo_st")  # warm-up only | self-training without DPO | DPO-ST
 MODES = ("train", "eval")
-DPO_REFERENCES = ("precomputed", "in_step")
-DATA_SOURCES = ("local", "hub", "synthetic")
 DTYPES = ("float32", "bfloat16")
 SCRATCH = "scratch"
 PRETRAIN = "pretrain"
@@ -128,6 +126,8 @@ def rules() -> dict[str, Rule]:
     """The table (built on call: the enumerations are imported from the modules that own them)."""
     from dpost.data import gsm8k, ood
     from dpost.data.builders import SIMILARITIES
+    from dpost.data.task import SOURCES as DATA_SOURCES
+    from dpost.training.steps import DPO_REFERENCES
     from dpost.models.registry import FAMILIES
     from dpost.training.losses import LOSS_TYPES
 

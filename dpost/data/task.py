@@ -15,6 +15,7 @@ from etils import epath
 from dpost.data import gsm8k, ood, synthetic
 from dpost.data.gsm8k import Example
 
+SOURCES = ("local", "hub", "synthetic")
 SYNTHETIC_DATA_SEED = 1234  # fixed: every method and seed sees the same task and held-out sets
 
 
@@ -78,7 +79,7 @@ def load_task(config, workdir: str) -> Task:
             {split: gsm8k.load_split(split, where) for split in ("dev", "test")},
         )
     else:
-        raise ValueError(f"config field 'data.source' must be local, hub or synthetic, got {source!r}")
+        raise ValueError(f"config field 'data.source' must be one of {SOURCES}, got {source!r}")
     unknown = [s for s in config.data.eval_splits if s not in task.eval_sets]
     if unknown:
         raise ValueError(f"config field 'data.eval_splits': unknown splits {unknown}; have {sorted(task.eval_sets)}")

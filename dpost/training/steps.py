@@ -40,6 +40,9 @@ from dpost.training.state import TrainState
 PACKED_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
+DPO_REFERENCES = ("precomputed", "in_step")  # reference log-probs in the batch | ref params passed to the step
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
@@ -51,8 +54,8 @@ class DPOConfig:
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown DPO loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if self.reference not in ("in_step", "precomputed"):
-            raise ValueError(f"DPOConfig.reference must be 'in_step' or 'precomputed', got {self.reference!r}")
+        if self.reference not in DPO_REFERENCES:
+            raise ValueError(f"DPOConfig.reference must be one of {DPO_REFERENCES}, got {self.reference!r}")
 
 
 # --------------------------------------------------------------------------------------------------
