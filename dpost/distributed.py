@@ -63,10 +63,6 @@ def _has_accelerator_env() -> bool:
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("TPU_WORKER_HOSTNAMES"))
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
 def is_multi_process() -> bool:
     return jax.process_count() > 1
 

@@ -206,7 +206,7 @@ def test_sampling_rows_use_the_configured_length_buckets():
 
 
 def test_prompts_per_sampler_call_follow_the_driver():
-    stages = pytest.importorskip("dpost.stages")
+    from dpost import stages
     config = load_config("arith_tiny")
     for name in ("pairs", "labels", "eval"):
         sc = config.sampling[name]

@@ -202,13 +202,6 @@ def tokenize_examples(examples: Sequence[tuple[str, str]], tokenizer: Any, famil
                          max_prompt_len, max_completion_len, "examples")
 
 
-def tokenize_pairs(pairs: Sequence[tuple[str, str, str]], tokenizer: Any, family: str, *,
-                   max_prompt_len: int, max_completion_len: int) -> Tokenized:
-    """Tokenize (prompt_text, chosen_text, rejected_text) triples into chosen/rejected items."""
-    items = [tokenize_item(tokenizer, family, p, c, r, keys=("chosen", "rejected")) for p, c, r in pairs]
-    return _tokenize_all(items, max_prompt_len, max_completion_len, "preference pairs")
-
-
 def _tokenize_all(items: list[Item], max_prompt_len: int, max_completion_len: int, what: str) -> Tokenized:
     kept = [it for it in items if _fits(it, max_prompt_len, max_completion_len)]
     n_filtered = len(items) - len(kept)

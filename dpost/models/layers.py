@@ -47,13 +47,11 @@ def dropout(rate: float) -> nn.Dropout:
     return nn.Dropout(rate, deterministic=False)
 
 
-def causal_padding_mask(token_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, T] validity -> [B, T, T] attention mask: causal, padding keys hidden, segments separate."""
+def causal_padding_mask(token_mask: jax.Array) -> jax.Array:
+    """[B, T] validity -> [B, T, T] attention mask: causal, padding keys hidden."""
     t = token_mask.shape[1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     mask = causal[None] & token_mask[:, None, :].astype(bool)
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
     return mask
 
 

@@ -24,7 +24,6 @@ from dpost.training.loop import (
     LoopResult,
     MetricLogger,
     count_tokens,
-    pack_sft_batch,
     evaluate_dpo,
     evaluate_sft,
     pad_batch,
@@ -54,7 +53,7 @@ __all__ = [
     "LoopConfig", "LoopResult", "MetricLogger", "OptimizerConfig", "Preempted", "PreemptionGuard", "Step",
     "TrainState", "abstract_state", "check_tree_matches", "count_tokens", "create_train_state", "decay_mask",
     "dpo_loss", "evaluate_dpo", "evaluate_sft", "make_dpo_eval_step", "make_dpo_step", "make_optimizer",
-    "make_reference_fn", "make_schedule", "make_sft_eval_step", "make_sft_step", "masked_nll", "pack_sft_batch",
+    "make_reference_fn", "make_schedule", "make_sft_eval_step", "make_sft_step", "masked_nll",
     "pad_batch", "pair_token_logprobs", "put_batch", "reference_logps", "restore_params", "run", "sft_loss",
     "sft_token_logprobs", "state_shardings", "steps_for_epochs", "warmup_steps",
 ]

@@ -107,8 +107,6 @@ def pad_batch(batch: Mapping[str, np.ndarray], prompt_len: int | None = None, co
 
 def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     """Non-padding tokens the step processes (a pair batch runs the prompt twice)."""
-    if "loss_mask" in batch and "segment_ids" in batch:
-        return int(np.count_nonzero(batch["segment_ids"]))
     keys = [k for k in COMPLETION_KEYS if k + "_mask" in batch]
     prompt = int(np.asarray(batch["prompt_mask"]).sum()) if "prompt_mask" in batch else 0
     return prompt * max(1, len(keys)) + sum(int(np.asarray(batch[k + "_mask"]).sum()) for k in keys)
@@ -405,67 +403,4 @@ def evaluate_dpo(eval_step, params, batches, ref_params=None, *, mesh=None, rule
     out = {k: v / pairs for k, v in sums.items() if k != "nll"}
     out["nll"] = sums.get("nll", 0.0) / chosen_tokens
     out["pairs"] = pairs
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# packing (decoder-only SFT)
-# --------------------------------------------------------------------------------------------------
-def pack_sft_batch(batch: Mapping[str, np.ndarray], length: int, num_rows: int | None = None,
-                   pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Packs a padded SFT batch (prompt left-padded, completion right-padded) into rows of
-    `length` tokens for a decoder-only model: inputs/targets/segment_ids/positions/loss_mask [R, T].
-
-    Each example (prompt + completion, n tokens) takes n - 1 slots (inputs = tokens[:-1],
-    targets = tokens[1:]); loss_mask marks targets that are completion tokens. Greedy first-fit
-    in order of decreasing length; `num_rows` fixes R (for one compiled shape) and raises if the
-    examples do not fit. Segment ids count from 1 per row (0 = padding); positions restart at 0.
-    """
-    valid = np.asarray(batch.get("valid", np.ones(len(batch["prompt"]), np.int32)))
-    examples = []
-    for i in range(len(batch["prompt"])):
-        if not valid[i]:
-            continue
-        prompt = np.asarray(batch["prompt"][i])[np.asarray(batch["prompt_mask"][i]).astype(bool)]
-        completion = np.asarray(batch["completion"][i])[np.asarray(batch["completion_mask"][i]).astype(bool)]
-        tokens = np.concatenate([prompt, completion])
-        if len(tokens) < 2:
-            continue
-        if len(tokens) - 1 > length:
-            raise ValueError(f"example {i} needs {len(tokens) - 1} slots; pack length is {length}")
-        examples.append((tokens, len(prompt)))
-    examples.sort(key=lambda e: -len(e[0]))
-    rows: list[list[tuple[np.ndarray, int]]] = []
-    free: list[int] = []
-    for ex in examples:
-        need = len(ex[0]) - 1
-        for r, space in enumerate(free):
-            if space >= need:
-                rows[r].append(ex)
-                free[r] -= need
-                break
-        else:
-            rows.append([ex])
-            free.append(length - need)
-    n_rows = len(rows) if num_rows is None else num_rows
-    if len(rows) > n_rows:
-        raise ValueError(f"batch needs {len(rows)} packed rows of {length}; num_rows is {num_rows}")
-    out = {
-        "inputs": np.full((n_rows, length), pad_id, np.int32),
-        "targets": np.full((n_rows, length), pad_id, np.int32),
-        "segment_ids": np.zeros((n_rows, length), np.int32),
-        "positions": np.zeros((n_rows, length), np.int32),
-        "loss_mask": np.zeros((n_rows, length), np.float32),
-    }
-    for r, row in enumerate(rows):
-        at = 0
-        for seg, (tokens, n_prompt) in enumerate(row, start=1):
-            n = len(tokens) - 1
-            sl = slice(at, at + n)
-            out["inputs"][r, sl] = tokens[:-1]
-            out["targets"][r, sl] = tokens[1:]
-            out["segment_ids"][r, sl] = seg
-            out["positions"][r, sl] = np.arange(n)
-            out["loss_mask"][r, sl] = (np.arange(1, n + 1) >= n_prompt).astype(np.float32)
-            at += n
     return out

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpost import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -37,11 +36,6 @@ def _as_rng(rng: int | jax.Array) -> jax.Array:
     if jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
         return jax.random.key_data(rng)
     return jnp.asarray(rng, jnp.uint32)
-
-
-def param_shardings_for(boxed_abstract_params: Any, mesh: Mesh, rules=None) -> Any:
-    """Parameter shardings from the logical axis names (boxed abstract params, e.g. eval_shape(init))."""
-    return sharding_lib.param_shardings(boxed_abstract_params, mesh, rules)
 
 
 def state_shardings(params_shardings: Any, optimizer: optax.GradientTransformation, abstract_params: Any, mesh: Mesh):

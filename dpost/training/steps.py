@@ -13,7 +13,6 @@ One step = one optimizer update on one global batch:
 
 Batches are dicts of arrays as produced by `dpost.data.pipeline`:
   SFT:  prompt, prompt_mask [B, P] (left-padded), completion, completion_mask [B, C] (right-padded)
-        or, packed (decoder-only): inputs, targets, segment_ids, positions, loss_mask [B, T]
   DPO:  prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask; with a precomputed
         reference also ref_chosen_logps, ref_rejected_logps [B]
   optional valid [B] (0 = filler row, excluded from every mean).
@@ -37,7 +36,6 @@ from dpost.models.scoring import check_logits_chunk, completion_token_logprobs, 
 from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll
 from dpost.training.state import TrainState
 
-PACKED_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 DPO_REFERENCES = ("precomputed", "in_step")  # reference log-probs in the batch | ref params passed to the step
@@ -61,31 +59,15 @@ class DPOConfig:
 # --------------------------------------------------------------------------------------------------
 # forward pieces
 # --------------------------------------------------------------------------------------------------
-def packed_token_logprobs(module, params, batch, chunk: int | None = None, rngs=None) -> jax.Array:
-    """[B, T] log-probs of `targets` for packed decoder-only rows (0 where loss_mask is 0).
-
-    Each row holds several examples separated by `segment_ids` (0 = padding); attention stays
-    within a segment and `positions` restart at 0 for every example, so a packed example sees
-    exactly what it would see alone.
-    """
-    seg = batch["segment_ids"]
-    mask = layers.causal_padding_mask(seg > 0, seg)
-    hidden, _ = module.apply({"params": params}, batch["inputs"], batch["positions"], mask, rngs=rngs,
-                             method="hidden_states")
-    return head_logprobs(module, params, hidden, batch["targets"], chunk) * batch["loss_mask"]
-
-
 def _valid(batch, n: int) -> jax.Array:
     v = batch.get("valid")
     return jnp.ones((n,), jnp.float32) if v is None else v.astype(jnp.float32)
 
 
 def sft_token_logprobs(module, params, batch, chunk: int | None = None, rngs=None) -> tuple[jax.Array, jax.Array]:
-    """(token log-probs, loss mask), both [B, L], for a padded or a packed SFT batch. `rngs`:
-    {"dropout": key} for a module built with dropout (`with_dropout`)."""
+    """(token log-probs, loss mask), both [B, L], for a padded SFT batch. `rngs`: {"dropout": key}
+    for a module built with dropout (`with_dropout`)."""
     params = layers.compute_params(module, params)
-    if "segment_ids" in batch:
-        return packed_token_logprobs(module, params, batch, chunk, rngs), batch["loss_mask"].astype(jnp.float32)
     mask = batch["completion_mask"].astype(jnp.float32) * _valid(batch, batch["completion"].shape[0])[:, None]
     logps = completion_token_logprobs(module, params, batch["prompt"], batch["prompt_mask"], batch["completion"],
                                 batch["completion_mask"], chunk, rngs)
@@ -367,11 +349,8 @@ def make_sft_step(
 
     def step(state: TrainState, batch):
         batch = constrain_batch(batch)
-        if "segment_ids" in batch:
-            total_tokens = batch["loss_mask"].astype(jnp.float32).sum()
-        else:
-            valid = _valid(batch, batch["completion"].shape[0])
-            total_tokens = (batch["completion_mask"].astype(jnp.float32) * valid[:, None]).sum()
+        valid = _valid(batch, batch["completion"].shape[0])
+        total_tokens = (batch["completion_mask"].astype(jnp.float32) * valid[:, None]).sum()
         denom = jnp.maximum(total_tokens, 1.0)
 
         def loss_fn(params, mb, rng=None):

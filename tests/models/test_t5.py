@@ -423,16 +423,6 @@ def test_bf16_compute_smoke():
     assert state["index"].dtype == jnp.int32 and state["index"].shape == ()
 
 
-def test_segment_ids_rejected():
-    _, cfg, params = build("relu_tied")
-    prompt, prompt_mask, completion, completion_mask = batch(cfg)
-    with pytest.raises(NotImplementedError):
-        t5_model.make_module(cfg).apply(
-            {"params": params}, prompt, prompt_mask, completion, completion_mask, np.zeros_like(prompt),
-            method="completion_logits",
-        )
-
-
 # -- sharded forward on 8 simulated CPU devices (child process) ---------------------------------------
 
 SHARDED_CHILD = textwrap.dedent(

@@ -251,21 +251,21 @@ class Llama(nn.Module):
         return self.logits(hidden), cache
 
     # -- family interface ---------------------------------------------------------------------------
-    def completion_hidden(self, prompt, prompt_mask, completion, completion_mask, segment_ids=None):
+    def completion_hidden(self, prompt, prompt_mask, completion, completion_mask):
         """Final hidden states of the positions that predict each completion token: [B, C, D].
         Prompt left-padded, completion right-padded."""
         p = prompt.shape[1]
         tokens = jnp.concatenate([prompt, completion], axis=1)
         valid = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(bool)
         hidden, _ = self.hidden_states(
-            tokens, layers.positions_from_mask(valid), layers.causal_padding_mask(valid, segment_ids)
+            tokens, layers.positions_from_mask(valid), layers.causal_padding_mask(valid)
         )
         return hidden[:, p - 1 : -1]
 
-    def completion_logits(self, prompt, prompt_mask, completion, completion_mask, segment_ids=None):
+    def completion_logits(self, prompt, prompt_mask, completion, completion_mask):
         """Logits predicting each completion token: [B, C, V]. Only the positions that predict
         completion tokens reach the (vocab-sized) head."""
-        return self.logits(self.completion_hidden(prompt, prompt_mask, completion, completion_mask, segment_ids))
+        return self.logits(self.completion_hidden(prompt, prompt_mask, completion, completion_mask))
 
     def init_cache(self, batch: int, length: int):
         cfg = self.config

@@ -408,14 +408,12 @@ class T5(nn.Module):
         return self.logits(hidden)
 
     # -- family interface ---------------------------------------------------------------------------
-    def completion_logits(self, prompt, prompt_mask, completion, completion_mask, segment_ids=None):
+    def completion_logits(self, prompt, prompt_mask, completion, completion_mask):
         """Logits predicting each completion token: [B, C, V]. Prompt left-padded, completion right-padded.
 
         Causality alone keeps padding after a completion from influencing its real tokens, so
         completion_mask is not needed here (callers mask the per-token log-probs).
         """
-        if segment_ids is not None:
-            raise NotImplementedError("T5: packed sequences (segment_ids) are not supported")
         mask = prompt_mask.astype(bool)
         enc = self.encode(prompt, mask)
         decoder_input = jnp.concatenate([self._start_tokens(completion.shape[0], completion.dtype), completion[:, :-1]], 1)
