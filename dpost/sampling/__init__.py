@@ -15,15 +15,17 @@ untempered distribution (fp32; calculator-forced tokens included), so ``sum(toke
 equals ``models.sequence_logprobs`` of the completion. ``text`` decodes ``token_ids`` without the
 EOS and without special tokens.
 
-Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batch size,
-companions in the batch or device count. Calculator-forced tokens count toward ``max_new_tokens``.
+Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batching,
+slots, companions or device count. Calculator-forced tokens count toward ``max_new_tokens``.
 
-Batching: prompts are sorted by length and run in chunks of ``batch_size`` prompts (default: up
-to 64 rows of ``num_samples`` each, times the mesh's batch shards); results come back in the
-order of ``prompts``. The batch is padded to a power of two (a multiple of the batch shards) and
-the prompt length to 2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of
-``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
-bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
+Batching (``dpost.sampling.continuous``): ``batch_size`` prompts' rows (default: up to 64 rows of
+``num_samples`` each, times the mesh's batch shards; fewer rows: a power of two) decode in a fixed
+number of slots; a finished row's slot is refilled with the next waiting (prompt, sample) row, so
+decode steps go to live rows. Results come back in the order of ``prompts``. Prompts are padded to
+2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of ``length_buckets`` that fits the call's
+longest prompt, so a run compiles a handful of programs. ``batching="static"``: length-sorted chunks
+of ``batch_size`` prompts, each decoded to its longest row (same samples). Under a ``mesh``
+(default: the bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dpost.sampling.sampler import StaticOptions, compiled_program_count, decode
 
 __all__ = ["generate", "Sample", "compiled_program_count", "prompt_length_bucket"]
 
-DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) per chunk per batch shard
+DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) in flight per batch shard
 MIN_PROMPT_BUCKET = 16
 QUEUE_SIZE = 32  # most tokens one calculator result (+ closing marker) may force
 BATCHING = ("continuous", "static")
@@ -201,9 +203,9 @@ def generate(
     batch_size = max(1, int(batch_size))
     bar = Progress(len(rows), progress)
     traced = (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start)
-    # Prompts in length order: chunks (static) and refill groups (continuous) of similar lengths pad
-    # less. Rows keep their index in `prompts`, which is all their randomness depends on, so the
-    # order changes no sample.
+    # Static chunks of similar prompt lengths pad less (prefill and every decode step's cache read
+    # scale with the chunk's longest prompt). Rows keep their index in `prompts`, which is all their
+    # randomness depends on, so the order changes no sample.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     try:
         if batching == "continuous":
@@ -268,11 +270,8 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
         events, tokens, length = jax.device_get((state["event"], state["tokens"], state["length"]))
         queue[:] = 0
         queue_len[:] = 0
-        for r in np.flatnonzero(events):
-            ids = forcing.forced_ids(bundle.tokenizer, bundle.family, tokens[r, : length[r]].tolist())
-            if ids and len(ids) <= opts.queue_size and all(0 <= t < vocab for t in ids):
-                queue[r, : len(ids)] = ids
-                queue_len[r] = len(ids)
+        forcing.fill_queues(bundle.tokenizer, bundle.family, tokens, length, np.flatnonzero(events), queue, queue_len,
+                            vocab)
 
     tokens, logprobs, length, eos = jax.device_get((state["tokens"], state["logprobs"], state["length"], state["eos"]))
     out = [[_sample(bundle.tokenizer, tokens[r, : length[r]].tolist(), logprobs[r, : length[r]].tolist(), bool(eos[r]))

@@ -3,12 +3,10 @@
 Three compiled programs per (model, slot count, cache shape, static sampling options):
 
 * ``empty_program``: the slot state (every slot finished), shaped like the model's ``prefill``
-  state for the call's longest prompt bucket, with ``num_slots`` rows.
-* ``refill_program``: ``prefill`` of a fixed number of prompts (one prompt bucket), its rows
-  gathered for the (prompt, sample) rows that start now and written into their slots (rows whose
-  slot is ``num_slots`` are dropped). A state leaf shorter than the slot's (the prompt's KV cache,
-  T5's encoder keys) is padded at its end with zeros / False, which the families read as empty:
-  Llama masks cache slots by ``kv_valid``, T5 cross-attention keys by ``enc_mask``.
+  state with ``num_slots`` rows.
+* ``refill_program``: ``prefill`` of a fixed number of prompts, its rows gathered for the
+  (prompt, sample) rows that start now and written into their slots (rows whose slot is
+  ``num_slots`` are dropped).
 * ``decode_program``: the sampler's decode ``while_loop`` over the slots. Each slot has its own
   decode position, so ``decode_step`` is vmapped over rows (a batch of one per row: per-row cache
   index, positions and masks). It leaves when enough slots are free to refill (``refill_at``), when
@@ -53,11 +51,6 @@ def _rows_of(model_state, count: int):
     return jax.tree.map(lambda x: RowScalar(jnp.broadcast_to(x, (count,))) if x.ndim == 0 else x, model_state)
 
 
-def _pad_to(x, shape):
-    """Pads `x` at the end of each axis to `shape` with zeros (False for masks)."""
-    return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
-
-
 def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask):
     with sharding_lib.activation_rules(opts.mesh, opts.rules):
         return module.apply({"params": params}, prompt, prompt_mask, opts.max_new_tokens, 1, method="prefill")
@@ -89,8 +82,6 @@ def _refill(module, opts: StaticOptions, params, state, prompt, prompt_mask, sou
     logits, model = _prefill(module, opts, params, prompt, prompt_mask)
     count = source.shape[0]
     model = jax.tree.map(lambda x: x[source], _rows_of(model, prompt.shape[0]))
-    model = jax.tree.map(lambda new, old: _pad_to(new, (count,) + old.shape[1:]).astype(old.dtype),
-                         model, state["model"])
     new = row_state(model, logits[source], prompt_index, sample_index, jnp.zeros((count,), bool), calc_start, opts)
     return jax.tree.map(lambda old, rows: old.at[slot].set(rows.astype(old.dtype), mode="drop"), state, new)
 
@@ -164,14 +155,16 @@ def _take(waiting, start: int, max_rows: int, max_prompts: int) -> list[tuple[in
 
 def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, bar, make_sample, put):
     """Samples every (prompt, sample) row of `rows` (prompt token ids), prompts taken in `order`;
-    returns results[prompt][sample]. `plan`: plan_slots(...); `bucket(length)`: a prompt's padded
-    length; `make_sample(ids, logprobs, eos)`; `put(x, batch)` places a host array for the mesh."""
+    returns results[prompt][sample]. `plan`: plan_slots(...); `bucket(length)`: the padded prompt
+    length for a longest prompt of `length` tokens; `make_sample(ids, logprobs, eos)`; `put(x, batch)` places a host array for the mesh."""
     temperature, top_p, seed, next_table, event_table, calc_start = traced
     num_slots, group, per_refill = plan
     n, vocab = opts.num_samples, int(bundle.config.vocab_size)
     module, (prefill_params, decode_params) = bundle.module, params
-    shape_prompt = np.zeros((num_slots, bucket(max(len(r) for r in rows))), np.int32)
-    state = empty_program(module, opts.for_prefill(), prefill_params, put(shape_prompt, True))
+    # Every slot's state (KV cache, encoder keys) has one shape: prompts are padded to the bucket
+    # of the call's longest prompt.
+    width = bucket(max(len(r) for r in rows))
+    state = empty_program(module, opts.for_prefill(), prefill_params, put(np.zeros((num_slots, width), np.int32), True))
     waiting = [(i, j) for i in order for j in range(n)]
     next_row = 0
     holder = np.full(num_slots, -1, np.int64)  # the (prompt, sample) row in each slot; -1: free
@@ -187,8 +180,7 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
             next_row += len(take)
             prompts = list(dict.fromkeys(i for i, _ in take))
             padded = [rows[i] for i in prompts] + [rows[prompts[0]]] * (group - len(prompts))
-            prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True,
-                                            length=bucket(max(len(r) for r in padded)))
+            prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=width)
             fill = lambda values, filler: np.asarray(values + [filler] * (per_refill - len(take)), np.int32)  # noqa: E731
             slot = free[: len(take)]
             state = refill_program(
@@ -222,8 +214,5 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
             finished_tokens += k
             holder[s] = -1
         bar.update(prompts_done, finished_tokens, pending=int(length[holder >= 0].sum()))
-        for s in np.flatnonzero(event):
-            ids = forcing.forced_ids(bundle.tokenizer, bundle.family, tokens[s, : length[s]].tolist())
-            if ids and len(ids) <= opts.queue_size and all(0 <= t < vocab for t in ids):
-                queue[s, : len(ids)] = ids
-                queue_len[s] = len(ids)
+        forcing.fill_queues(bundle.tokenizer, bundle.family, tokens, length, np.flatnonzero(event), queue, queue_len,
+                            vocab)

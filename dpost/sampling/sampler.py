@@ -1,26 +1,29 @@
-"""The compiled sampling core: logits processing, loop state, prefill and the decode `while_loop`.
+"""The compiled sampling core: logits processing, loop state, the decode step, static batching.
 
-Two jitted programs per (model, shapes, static sampling options):
+Token selection (greedy, temperature, top-k, top-p) and ``emit_tokens``, the part of a decode step
+shared by static and continuous batching (``dpost.sampling.continuous``): every live row's next
+token (forced by the calculator queue, greedy, or sampled), recorded with its log-prob under the
+untempered model distribution at the row's own position. Static batching's two programs per
+(model, shapes, static sampling options):
 
 * ``prefill_program``: the model's ``prefill`` (encode once / fill the KV cache for the left-padded
   prompts, expand to ``num_samples`` rows per prompt) and the initial loop state.
-* ``decode_program``: a ``lax.while_loop`` that, per step, picks every row's next token (forced by
-  the calculator queue, greedy, or sampled), records it with its log-prob under the untempered
-  model distribution, and runs one ``decode_step``. It exits when every row is done, after
-  ``max_new_tokens`` tokens, or when some row completes a calculator annotation's ``=``; the host
-  (``dpost.sampling.forcing``) then fills that row's forced-token queue and re-enters the same
-  compiled program with the state (KV cache included) still on device.
+* ``decode_program``: a ``lax.while_loop`` of ``emit_tokens`` and one batched ``decode_step``. It
+  exits when every row is done (EOS or ``max_new_tokens``) or when some row completes a calculator
+  annotation's ``=``; the host (``dpost.sampling.forcing``) then fills that row's forced-token
+  queue and re-enters the same compiled program with the state (KV cache included) on device.
 
 Params, prompts, temperature, top-p, seed and calculator tables are traced arguments: new params of
 the same shapes, other seeds or temperatures reuse the compiled programs. Static: the module, the
 shapes (prompt length and batch are bucketed by the caller), ``max_new_tokens``, ``num_samples`` and
 flags for greedy / top-k / top-p / calculator / ignore-EOS.
 
-Randomness: row r's uniform at step t comes from
-``fold_in(fold_in(fold_in(key(seed), prompt_index[r]), sample_index[r]), t)``, where the prompt index
-is the prompt's position in the whole ``generate`` call; so samples do not depend on which batch,
-batch position or device a row lands on. Sampling is inverse-CDF with one uniform per row and step
-(a two-level block cumsum, cheap on CPU); with top-k / top-p it runs over the top candidates only.
+Randomness: row r's uniform at its decode position t (the number of tokens it has emitted) comes
+from ``fold_in(fold_in(fold_in(key(seed), prompt_index[r]), sample_index[r]), t)``, where the
+prompt index is the prompt's position in the whole ``generate`` call; so samples do not depend on
+which batch, slot, start time or device a row gets. (In static batching every live row's position
+is the loop's step.) Sampling is inverse-CDF with one uniform per row and step (a two-level block
+cumsum, cheap on CPU); with top-k / top-p it runs over the top candidates only.
 """
 
 from __future__ import annotations
