@@ -29,8 +29,9 @@ def train_prompts(tokenizer, n: int) -> list[list[int]]:
     data = os.environ.get("DPOST_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     with open(os.path.join(data, "gsm8k", "train.jsonl")) as f:
         questions = [json.loads(line)["question"] for _, line in zip(range(n), f)]
-    return [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-            for q in questions]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def useful(ids, eos: int) -> int:

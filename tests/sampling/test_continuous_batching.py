@@ -107,7 +107,7 @@ SCRIPTS = {
 def test_calculator_forcing_across_refills(family, monkeypatch):
     tok = byte_bpe_tokenizer() if family == "llama" else sentencepiece_tokenizer()
     bundle, prompts = scripted_bundle(family, tok, SCRIPTS[family])
-    kw = dict(max_new_tokens=64, calculator=True, num_samples=2, temperature=1.0, seed=3)
+    kw = dict(max_new_tokens=64, calculator=True, num_samples=2, temperature=0.3, seed=3)  # near the script
     static = sampling.generate(bundle, prompts, batching="static", **kw)
     refills = CountRefills(monkeypatch)
     got = sampling.generate(bundle, prompts, batch_size=1, **kw)
