@@ -10,19 +10,15 @@ transformers' `generate` and `models.sequence_logprobs` in test_sampling_llama.p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from dpost import models, sampling
 from dpost.sampling import continuous, sampler as sampler_lib
-from sampling_toys import byte_bpe_tokenizer, random_prompts, scripted_bundle, sentencepiece_tokenizer, tiny_hf_llama
+from sampling_toys import (byte_bpe_tokenizer, fast_compile, random_prompts, scripted_bundle,  # noqa: F401
+                           run_on_8_devices, sentencepiece_tokenizer, tiny_hf_llama, tiny_hf_t5)
 
 LLAMA_VOCAB, LLAMA_EOS = 101, 98  # greedy rows of this random model end at EOS early, late or never
 T5_VOCAB, T5_EOS, T5_PAD = 262, 1, 0
@@ -31,10 +27,8 @@ SAMPLED = dict(max_new_tokens=24, temperature=1.0, top_k=30, num_samples=3, seed
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPOST_SAMPLER_FAST_COMPILE", "1")
-        yield
+def _fast(fast_compile):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +37,7 @@ def bundles(tmp_path_factory):
     tiny_hf_llama(folder, vocab=LLAMA_VOCAB, eos_token_id=LLAMA_EOS)
     llama = models.load(f"hf:{folder}").replace(tokenizer=byte_bpe_tokenizer())  # calculator tables need one
     folder = tmp_path_factory.mktemp("t5")
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=T5_VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                                decoder_start_token_id=T5_PAD, pad_token_id=T5_PAD, eos_token_id=T5_EOS)
-    hf = transformers.T5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # a sharper head: clear greedy winners, and EOS somewhere in some rows
-        hf.lm_head.weight = torch.nn.Parameter(2.0 * torch.randn_like(hf.shared.weight))
-    hf.save_pretrained(str(folder))
+    tiny_hf_t5(folder, T5_VOCAB, T5_EOS, T5_PAD)
     t5 = models.load(f"hf:{folder}").replace(tokenizer=sentencepiece_tokenizer())
     return {"llama": (llama, LLAMA_VOCAB), "t5": (t5, T5_VOCAB)}
 
@@ -178,9 +164,4 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_continuous_equals_single_device_static():
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, DPOST_SAMPLER_FAST_COMPILE="1", PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", SHARDED, here], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    run_on_8_devices(SHARDED)
