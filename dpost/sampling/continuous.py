@@ -153,10 +153,26 @@ def _take(waiting, start: int, max_rows: int, max_prompts: int) -> list[tuple[in
     return take
 
 
+def _refill_arrays(rows, take, slot, group: int, per_refill: int, width: int, pad_id: int, num_slots: int):
+    """Host arrays of one refill: `group` prompts (left-padded to `width`; filler: the first again)
+    and, per started row (filler rows: slot `num_slots`, dropped), its prompt in the group, its slot,
+    prompt index and sample index."""
+    prompts = list(dict.fromkeys(i for i, _ in take))
+    padded = [rows[i] for i in prompts] + [rows[prompts[0]]] * (group - len(prompts))
+    prompt, prompt_mask = pad_batch(padded, pad_id, left=True, length=width)
+
+    def per_row(values, filler):
+        return np.asarray(list(values) + [filler] * (per_refill - len(take)), np.int32)
+
+    return (prompt, prompt_mask, per_row((prompts.index(i) for i, _ in take), 0), per_row(slot, num_slots),
+            per_row((i for i, _ in take), 0), per_row((j for _, j in take), 0))
+
+
 def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, bar, make_sample, put):
     """Samples every (prompt, sample) row of `rows` (prompt token ids), prompts taken in `order`;
     returns results[prompt][sample]. `plan`: plan_slots(...); `bucket(length)`: the padded prompt
-    length for a longest prompt of `length` tokens; `make_sample(ids, logprobs, eos)`; `put(x, batch)` places a host array for the mesh."""
+    length for a longest prompt of `length` tokens; `make_sample(ids, logprobs, eos)`; `put(x,
+    batch)` places a host array for the mesh."""
     temperature, top_p, seed, next_table, event_table, calc_start = traced
     num_slots, group, per_refill = plan
     n, vocab = opts.num_samples, int(bundle.config.vocab_size)
@@ -178,16 +194,10 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
         while next_row < len(waiting) and free.size:
             take = _take(waiting, next_row, min(free.size, per_refill), group)
             next_row += len(take)
-            prompts = list(dict.fromkeys(i for i, _ in take))
-            padded = [rows[i] for i in prompts] + [rows[prompts[0]]] * (group - len(prompts))
-            prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=width)
-            fill = lambda values, filler: np.asarray(values + [filler] * (per_refill - len(take)), np.int32)  # noqa: E731
             slot = free[: len(take)]
-            state = refill_program(
-                module, opts.for_prefill(), prefill_params, state, put(prompt, False), put(prompt_mask, False),
-                put(fill([prompts.index(i) for i, _ in take], 0), False), put(fill(slot.tolist(), num_slots), False),
-                put(fill([i for i, _ in take], 0), False), put(fill([j for _, j in take], 0), False),
-                np.int32(calc_start))
+            args = _refill_arrays(rows, take, slot, group, per_refill, width, bundle.pad_token_id, num_slots)
+            state = refill_program(module, opts.for_prefill(), prefill_params, state, *(put(a, False) for a in args),
+                                   np.int32(calc_start))
             holder[slot] = [i for i, _ in take]
             holder_sample[slot] = [j for _, j in take]
             free = free[len(take):]
