@@ -15,15 +15,17 @@ untempered distribution (fp32; calculator-forced tokens included), so ``sum(toke
 equals ``models.sequence_logprobs`` of the completion. ``text`` decodes ``token_ids`` without the
 EOS and without special tokens.
 
-Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batch size,
-companions in the batch or device count. Calculator-forced tokens count toward ``max_new_tokens``.
+Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batching,
+slots, companions or device count. Calculator-forced tokens count toward ``max_new_tokens``.
 
-Batching: prompts are sorted by length and run in chunks of ``batch_size`` prompts (default: up
-to 64 rows of ``num_samples`` each, times the mesh's batch shards); results come back in the
-order of ``prompts``. The batch is padded to a power of two (a multiple of the batch shards) and
-the prompt length to 2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of
-``length_buckets``, so a run compiles a handful of programs. Under a ``mesh`` (default: the
-bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
+Batching (``dpost.sampling.continuous``): ``batch_size`` prompts' rows (default: up to 64 rows of
+``num_samples`` each, times the mesh's batch shards; fewer rows: a power of two) decode in a fixed
+number of slots; a finished row's slot is refilled with the next waiting (prompt, sample) row, so
+decode steps go to live rows. Results come back in the order of ``prompts``. Prompts are padded to
+2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of ``length_buckets`` that fits the call's
+longest prompt, so a run compiles a handful of programs. ``batching="static"``: length-sorted chunks
+of ``batch_size`` prompts, each decoded to its longest row (same samples). Under a ``mesh``
+(default: the bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 """
 
 from __future__ import annotations
@@ -41,15 +43,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dpost import sharding as sharding_lib
 from dpost.models.bundle import ModelBundle
 from dpost.models.scoring import pad_batch, prompt_bucket
-from dpost.sampling import forcing
+from dpost.sampling import continuous, forcing
 from dpost.sampling.progress import Progress
-from dpost.sampling.sampler import StaticOptions, compiled_program_count, programs
+from dpost.sampling.sampler import StaticOptions, compiled_program_count, decode_program, prefill_program
 
 __all__ = ["generate", "Sample", "compiled_program_count", "prompt_length_bucket"]
 
-DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) per chunk per batch shard
+DEFAULT_MAX_ROWS = 64  # default rows (prompts x samples) in flight per batch shard
 MIN_PROMPT_BUCKET = 16
 QUEUE_SIZE = 32  # most tokens one calculator result (+ closing marker) may force
+BATCHING = ("continuous", "static")
 
 
 @dataclasses.dataclass
@@ -145,12 +148,17 @@ def generate(
     progress: bool = False,
     ignore_eos: bool = False,
     length_buckets: Sequence[int] | None = None,
+    batching: str = "continuous",
 ) -> list[list[Sample]]:
     """Samples `num_samples` completions per prompt; one inner list per prompt (see module doc).
 
     temperature == 0 is greedy (top-k / top-p then do nothing). ``ignore_eos`` keeps decoding past
-    EOS (benchmarks); ``length_buckets`` replaces the power-of-two prompt-length buckets.
+    EOS (benchmarks); ``length_buckets`` replaces the power-of-two prompt-length buckets;
+    ``batching="static"`` runs length-sorted chunks to their longest row instead of refilling
+    slots (same outputs; kept as the reference and for benchmarks).
     """
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r}: expected one of {BATCHING}")
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("num_samples and max_new_tokens must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -194,22 +202,34 @@ def generate(
         batch_size = max(1, DEFAULT_MAX_ROWS // num_samples) * shards
     batch_size = max(1, int(batch_size))
     bar = Progress(len(rows), progress)
-    # Chunks of similar prompt lengths pad less (prefill and every decode step's cache read scale
-    # with the chunk's longest prompt). Rows keep their index in `prompts`, which is all their
-    # randomness depends on, so the order of the chunks changes no sample.
+    traced = (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start)
+    # Static chunks of similar prompt lengths pad less (prefill and every decode step's cache read
+    # scale with the chunk's longest prompt). Rows keep their index in `prompts`, which is all their
+    # randomness depends on, so the order changes no sample.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    results: list[list[Sample] | None] = [None] * len(rows)
     try:
+        if batching == "continuous":
+            plan = continuous.plan_slots(len(rows) * num_samples, batch_size * num_samples, shards, num_samples)
+            return continuous.run(
+                bundle, params, opts, rows, order, plan, lambda n: prompt_length_bucket(n, length_buckets), traced,
+                bar, functools.partial(_sample, tokenizer), lambda x, batch: _put(x, mesh, batch))
+        results: list[list[Sample] | None] = [None] * len(rows)
         for start in range(0, len(rows), batch_size):
             indices = order[start : start + batch_size]
             chunk_samples = _run_chunk(
                 bundle, params, opts, [rows[i] for i in indices], indices, batch_size, shards, length_buckets,
-                (temperature_arr, top_p_arr, seed_arr, next_table, event_table, calc_start), bar)
+                traced, bar)
             for i, samples in zip(indices, chunk_samples):
                 results[i] = samples
+        return results
     finally:
         bar.close()
-    return results
+
+
+def _sample(tokenizer, ids: list[int], logprobs: list[float], eos: bool) -> Sample:
+    text_ids = ids[:-1] if eos else ids
+    text = tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    return Sample(text, ids, logprobs, "eos" if eos else "length")
 
 
 def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, shards, length_buckets, traced, bar):
@@ -228,7 +248,6 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
     rows = b * n
     vocab = int(bundle.config.vocab_size)
 
-    prefill_program, decode_program = programs()
     params, decode_params = params
     state, flags = prefill_program(
         bundle.module, opts.for_prefill(), params, _put(prompt, mesh, True), _put(prompt_mask, mesh, True),
@@ -244,32 +263,18 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
                 bundle.module, opts, decode_params, state, _put(queue, mesh, True), _put(queue_len, mesh, True),
                 temperature, top_p, seed, next_table, event_table,
             )
-        step, _, any_event, emitted = (int(x) for x in np.asarray(flags))
+        _, _, any_event, emitted = (int(x) for x in np.asarray(flags))
         if not any_event:
             break
-        bar.tokens_so_far(emitted)
-        events, tokens = jax.device_get((state["event"], state["tokens"]))
+        bar.update(0, 0, pending=emitted)
+        events, tokens, length = jax.device_get((state["event"], state["tokens"], state["length"]))
         queue[:] = 0
         queue_len[:] = 0
-        for r in np.flatnonzero(events):
-            ids = forcing.forced_ids(bundle.tokenizer, bundle.family, tokens[r, :step].tolist())
-            if ids and len(ids) <= opts.queue_size and all(0 <= t < vocab for t in ids):
-                queue[r, : len(ids)] = ids
-                queue_len[r] = len(ids)
+        forcing.fill_queues(bundle.tokenizer, bundle.family, tokens, length, np.flatnonzero(events), queue, queue_len,
+                            vocab)
 
     tokens, logprobs, length, eos = jax.device_get((state["tokens"], state["logprobs"], state["length"], state["eos"]))
-    out: list[list[Sample]] = []
-    tokenizer = bundle.tokenizer
-    for i in range(len(chunk)):
-        samples = []
-        for j in range(n):
-            r = i * n + j
-            ids = tokens[r, : length[r]].tolist()
-            lps = logprobs[r, : length[r]].tolist()
-            finished = bool(eos[r])
-            text_ids = ids[:-1] if finished else ids
-            text = tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else ""
-            samples.append(Sample(text, ids, lps, "eos" if finished else "length"))
-        out.append(samples)
-    bar.chunk_done(len(chunk), int(length[: len(chunk) * n].sum()))
+    out = [[_sample(bundle.tokenizer, tokens[r, : length[r]].tolist(), logprobs[r, : length[r]].tolist(), bool(eos[r]))
+            for r in range(i * n, (i + 1) * n)] for i in range(len(chunk))]
+    bar.update(len(chunk), int(length[: len(chunk) * n].sum()))
     return out

@@ -213,3 +213,13 @@ def forced_ids(tokenizer, family: str, completion_ids: Sequence[int]) -> list[in
     context = text[text.rfind(open_m):]
     ids = tokenize_in_context(tokenizer, context, forced_text)
     return ids or None
+
+
+def fill_queues(tokenizer, family: str, tokens, length, rows, queue, queue_len, vocab_size: int) -> None:
+    """Writes the forced ids of each row in `rows` (rows with a calculator event; `tokens[r,
+    :length[r]]` its completion so far) into the host arrays `queue` [R, Q] / `queue_len` [R]."""
+    for r in rows:
+        ids = forced_ids(tokenizer, family, tokens[r, : length[r]].tolist())
+        if ids and len(ids) <= queue.shape[1] and all(0 <= t < vocab_size for t in ids):
+            queue[r, : len(ids)] = ids
+            queue_len[r] = len(ids)

@@ -17,20 +17,13 @@ class Progress:
 
             self.bar = tqdm(total=total_prompts, desc=desc, unit="prompt", dynamic_ncols=True)
 
-    def _postfix(self, pending_tokens: int = 0) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{(self.tokens + pending_tokens) / elapsed:.1f} tok/s", refresh=True)
-
-    def tokens_so_far(self, chunk_tokens: int) -> None:
-        """Mid-chunk update (at calculator round trips): tokens generated in the current chunk."""
-        if self.bar is not None:
-            self._postfix(chunk_tokens)
-
-    def chunk_done(self, prompts: int, tokens: int) -> None:
+    def update(self, prompts: int, tokens: int, pending: int = 0) -> None:
+        """`prompts` more done with `tokens` generated; `pending`: tokens of rows still running."""
         self.tokens += tokens
         if self.bar is not None:
             self.bar.update(prompts)
-            self._postfix()
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{(self.tokens + pending) / elapsed:.1f} tok/s", refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,26 +1,29 @@
-"""The compiled sampling core: logits processing, loop state, prefill and the decode `while_loop`.
+"""The compiled sampling core: logits processing, loop state, the decode step, static batching.
 
-Two jitted programs per (model, shapes, static sampling options):
+Token selection (greedy, temperature, top-k, top-p) and ``emit_tokens``, the part of a decode step
+shared by static and continuous batching (``dpost.sampling.continuous``): every live row's next
+token (forced by the calculator queue, greedy, or sampled), recorded with its log-prob under the
+untempered model distribution at the row's own position. Static batching's two programs per
+(model, shapes, static sampling options):
 
 * ``prefill_program``: the model's ``prefill`` (encode once / fill the KV cache for the left-padded
   prompts, expand to ``num_samples`` rows per prompt) and the initial loop state.
-* ``decode_program``: a ``lax.while_loop`` that, per step, picks every row's next token (forced by
-  the calculator queue, greedy, or sampled), records it with its log-prob under the untempered
-  model distribution, and runs one ``decode_step``. It exits when every row is done, after
-  ``max_new_tokens`` tokens, or when some row completes a calculator annotation's ``=``; the host
-  (``dpost.sampling.forcing``) then fills that row's forced-token queue and re-enters the same
-  compiled program with the state (KV cache included) still on device.
+* ``decode_program``: a ``lax.while_loop`` of ``emit_tokens`` and one batched ``decode_step``. It
+  exits when every row is done (EOS or ``max_new_tokens``) or when some row completes a calculator
+  annotation's ``=``; the host (``dpost.sampling.forcing``) then fills that row's forced-token
+  queue and re-enters the same compiled program with the state (KV cache included) on device.
 
 Params, prompts, temperature, top-p, seed and calculator tables are traced arguments: new params of
 the same shapes, other seeds or temperatures reuse the compiled programs. Static: the module, the
 shapes (prompt length and batch are bucketed by the caller), ``max_new_tokens``, ``num_samples`` and
 flags for greedy / top-k / top-p / calculator / ignore-EOS.
 
-Randomness: row r's uniform at step t comes from
-``fold_in(fold_in(fold_in(key(seed), prompt_index[r]), sample_index[r]), t)``, where the prompt index
-is the prompt's position in the whole ``generate`` call; so samples do not depend on which batch,
-batch position or device a row lands on. Sampling is inverse-CDF with one uniform per row and step
-(a two-level block cumsum, cheap on CPU); with top-k / top-p it runs over the top candidates only.
+Randomness: row r's uniform at its decode position t (the number of tokens it has emitted) comes
+from ``fold_in(fold_in(fold_in(key(seed), prompt_index[r]), sample_index[r]), t)``, where the
+prompt index is the prompt's position in the whole ``generate`` call; so samples do not depend on
+which batch, slot, start time or device a row gets. (In static batching every live row's position
+is the loop's step.) Sampling is inverse-CDF with one uniform per row and step (a two-level block
+cumsum, cheap on CPU); with top-k / top-p it runs over the top candidates only.
 """
 
 from __future__ import annotations
@@ -63,15 +66,16 @@ class StaticOptions:
 
 # -- token selection ------------------------------------------------------------------------------
 
-def row_uniforms(seed, prompt_index, sample_index, step):
-    """[N] uniforms in [0, 1): one per row, from (seed, prompt index, sample index, step) only."""
+def row_uniforms(seed, prompt_index, sample_index, position):
+    """[N] uniforms in [0, 1): one per row, from (seed, prompt index, sample index, the row's own
+    decode position) only."""
     base = jax.random.key(seed)
 
-    def one(p, s):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, p), s), step)
+    def one(p, s, t):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, p), s), t)
         return jax.random.uniform(key, (), jnp.float32)
 
-    return jax.vmap(one)(prompt_index, sample_index)
+    return jax.vmap(one)(prompt_index, sample_index, jnp.broadcast_to(position, prompt_index.shape))
 
 
 def _inverse_cdf(weights, target):
@@ -175,21 +179,16 @@ def _flags(state, opts: StaticOptions):
     ])
 
 
-def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask, prompt_index, sample_index, row_valid,
-             calc_start):
-    with sharding_lib.activation_rules(opts.mesh, opts.rules):
-        logits, model_state = module.apply(
-            {"params": params}, prompt, prompt_mask, opts.max_new_tokens, opts.num_samples, method="prefill"
-        )
+def row_state(model_state, logits, prompt_index, sample_index, done, calc_start, opts: StaticOptions):
+    """Per-row loop state for rows that start a completion (`done`: filler rows)."""
     n = logits.shape[0]
     m, q = opts.max_new_tokens, opts.queue_size
-    state = {
+    return {
         "model": model_state,
         "logits": logits.astype(jnp.float32),
-        "step": jnp.zeros((), jnp.int32),
         "tokens": jnp.full((n, m), opts.pad_id, jnp.int32),
         "logprobs": jnp.zeros((n, m), jnp.float32),
-        "done": ~row_valid,
+        "done": done,
         "eos": jnp.zeros((n,), bool),
         "length": jnp.zeros((n,), jnp.int32),
         "prompt_index": prompt_index,
@@ -200,82 +199,116 @@ def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask, prompt_in
         "qpos": jnp.zeros((n,), jnp.int32),
         "qlen": jnp.zeros((n,), jnp.int32),
     }
+
+
+def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask, prompt_index, sample_index, row_valid,
+             calc_start):
+    with sharding_lib.activation_rules(opts.mesh, opts.rules):
+        logits, model_state = module.apply(
+            {"params": params}, prompt, prompt_mask, opts.max_new_tokens, opts.num_samples, method="prefill"
+        )
+    state = row_state(model_state, logits, prompt_index, sample_index, ~row_valid, calc_start, opts)
+    state["step"] = jnp.zeros((), jnp.int32)
     return state, _flags(state, opts)
 
 
-def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temperature, top_p, seed,
-            next_state_table, event_table):
-    m = opts.max_new_tokens
-    # New forced tokens from the host replace the queue of the rows that got some.
+def take_queue(state, queue, queue_len):
+    """New forced tokens from the host replace the queue of the rows that got some; events reset."""
     fresh = queue_len > 0
     state = dict(state)
     state["queue"] = jnp.where(fresh[:, None], queue, state["queue"])
     state["qpos"] = jnp.where(fresh, 0, state["qpos"])
     state["qlen"] = jnp.where(fresh, queue_len, state["qlen"])
     state["event"] = jnp.zeros_like(state["event"])
+    return state
+
+
+def emit_tokens(st, temperature, top_p, seed, next_state_table, event_table, opts: StaticOptions):
+    """Picks every live row's next token (forced, greedy or sampled) and records it with its log-prob
+    at the row's own position (its length so far), which also keys its randomness. Returns the new
+    state and the tokens the model reads next (pad for finished rows)."""
+    m = opts.max_new_tokens
+    logits, position = st["logits"], st["length"]
+    active = ~st["done"]
+    if opts.greedy:
+        token = select_tokens(logits, None, temperature, top_p, opts)
+    else:
+        u = row_uniforms(seed, st["prompt_index"], st["sample_index"], position)
+        token = select_tokens(logits, u, temperature, top_p, opts)
+    st = dict(st)
+    forced = jnp.zeros_like(active)
+    if opts.calculator:
+        forced = active & (st["qpos"] < st["qlen"])
+        queued = jnp.take_along_axis(st["queue"], jnp.minimum(st["qpos"], opts.queue_size - 1)[:, None], -1)[:, 0]
+        token = jnp.where(forced, queued, token)
+        st["qpos"] = st["qpos"] + forced.astype(jnp.int32)
+    token = jnp.where(active, token, opts.pad_id)
+    target = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+    logprob = jnp.where(active, target - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    rows = jnp.arange(token.shape[0])
+    column = jnp.where(active, position, m)  # finished rows write nothing (out of range: dropped)
+    st["tokens"] = st["tokens"].at[rows, column].set(token, mode="drop")
+    st["logprobs"] = st["logprobs"].at[rows, column].set(logprob, mode="drop")
+    st["length"] = position + active.astype(jnp.int32)
+    done = st["done"] | (st["length"] >= m)
+    if not opts.ignore_eos:
+        hit_eos = active & (token == opts.eos_id)
+        st["eos"] = st["eos"] | hit_eos
+        done = done | hit_eos
+    st["done"] = done
+    if opts.calculator:
+        calc = st["calc"]
+        st["event"] = event_table[calc, token] & active & ~forced & ~done
+        st["calc"] = jnp.where(active, next_state_table[calc, token], calc)
+    return st, token
+
+
+def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temperature, top_p, seed,
+            next_state_table, event_table):
+    state = take_queue(state, queue, queue_len)
 
     def cond(st):
-        return (st["step"] < m) & ~jnp.all(st["done"]) & ~jnp.any(st["event"])
+        return ~jnp.all(st["done"]) & ~jnp.any(st["event"])
 
     def body(st):
-        logits, step = st["logits"], st["step"]
-        active = ~st["done"]
-        if opts.greedy:
-            token = select_tokens(logits, None, temperature, top_p, opts)
-        else:
-            u = row_uniforms(seed, st["prompt_index"], st["sample_index"], step)
-            token = select_tokens(logits, u, temperature, top_p, opts)
-        st = dict(st)
-        forced = jnp.zeros_like(active)
-        if opts.calculator:
-            forced = active & (st["qpos"] < st["qlen"])
-            queued = jnp.take_along_axis(st["queue"], jnp.minimum(st["qpos"], opts.queue_size - 1)[:, None], -1)[:, 0]
-            token = jnp.where(forced, queued, token)
-            st["qpos"] = st["qpos"] + forced.astype(jnp.int32)
-        token = jnp.where(active, token, opts.pad_id)
-        target = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
-        logprob = jnp.where(active, target - jax.nn.logsumexp(logits, axis=-1), 0.0)
-        st["tokens"] = jax.lax.dynamic_update_slice(st["tokens"], token[:, None], (0, step))
-        st["logprobs"] = jax.lax.dynamic_update_slice(st["logprobs"], logprob[:, None], (0, step))
-        st["length"] = st["length"] + active.astype(jnp.int32)
-        done = st["done"]
-        if not opts.ignore_eos:
-            hit_eos = active & (token == opts.eos_id)
-            st["eos"] = st["eos"] | hit_eos
-            done = done | hit_eos
-        st["done"] = done
-        if opts.calculator:
-            calc = st["calc"]
-            st["event"] = (event_table[calc, token] & active & ~forced & ~done) & (step + 1 < m)
-            st["calc"] = jnp.where(active, next_state_table[calc, token], calc)
+        st, token = emit_tokens(st, temperature, top_p, seed, next_state_table, event_table, opts)
         with sharding_lib.activation_rules(opts.mesh, opts.rules):
             new_logits, st["model"] = module.apply({"params": params}, token, st["model"], method="decode_step")
         st["logits"] = new_logits.astype(jnp.float32)
-        st["step"] = step + 1
+        st["step"] = st["step"] + 1
         return st
 
     state = jax.lax.while_loop(cond, body, state)
     return state, _flags(state, opts)
 
 
-prefill_program = jax.jit(_prefill, static_argnums=(0, 1))
-decode_program = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,))
-
 # Tiny test models: LLVM optimisation costs more compile time than it saves at run time. Opt in with
 # DPOST_SAMPLER_FAST_COMPILE=1 (tests do); never the default, as real runs are decode-bound.
 _FAST = {"xla_backend_optimization_level": 0}
-_fast_prefill_program = jax.jit(_prefill, static_argnums=(0, 1), compiler_options=_FAST)
-_fast_decode_program = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,), compiler_options=_FAST)
+_PROGRAMS: list["Program"] = []
 
 
-def programs():
-    """(prefill, decode) jitted programs to use now (the fast-compiling pair when opted in)."""
-    if os.environ.get("DPOST_SAMPLER_FAST_COMPILE", "").lower() in ("1", "true", "yes"):
-        return _fast_prefill_program, _fast_decode_program
-    return prefill_program, decode_program
+class Program:
+    """A sampler program (static: the module and the StaticOptions), jitted as configured and
+    fast-compiling; a call picks one by DPOST_SAMPLER_FAST_COMPILE."""
+
+    def __init__(self, fn, donate: tuple[int, ...] = ()):
+        self.normal = jax.jit(fn, static_argnums=(0, 1), donate_argnums=donate)
+        self.fast = jax.jit(fn, static_argnums=(0, 1), donate_argnums=donate, compiler_options=_FAST)
+        _PROGRAMS.append(self)
+
+    def __call__(self, *args):
+        fast = os.environ.get("DPOST_SAMPLER_FAST_COMPILE", "").lower() in ("1", "true", "yes")
+        return (self.fast if fast else self.normal)(*args)
+
+    def cache_size(self) -> int:
+        return self.normal._cache_size() + self.fast._cache_size()
+
+
+prefill_program = Program(_prefill)
+decode_program = Program(_decode, donate=(3,))
 
 
 def compiled_program_count() -> int:
-    """Programs compiled so far by the sampler (prefill + decode), for tests and diagnostics."""
-    return sum(f._cache_size() for f in (prefill_program, decode_program, _fast_prefill_program,
-                                         _fast_decode_program))
+    """Programs compiled so far by the sampler (all its programs), for tests and diagnostics."""
+    return sum(p.cache_size() for p in _PROGRAMS)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpost.models.bundle import ModelBundle
 
@@ -170,6 +171,46 @@ def tiny_hf_llama(folder, vocab: int = 101, seed: int = 0, **overrides):
         model.lm_head.weight.mul_(4.0)
     model.save_pretrained(str(folder))
     return model
+
+
+def tiny_hf_t5(folder, vocab: int, eos: int = 1, pad: int = 0):
+    """A random transformers T5 (gated-GELU, untied head), saved to `folder`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                                decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a sharper head: clear greedy winners, and EOS somewhere in some rows
+        model.lm_head.weight = torch.nn.Parameter(2.0 * torch.randn_like(model.shared.weight))
+    model.save_pretrained(str(folder))
+    return model
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Tiny models: compile the sampler's programs without LLVM optimisation (faster tests); a test
+    module opts in with an autouse fixture that requests this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPOST_SAMPLER_FAST_COMPILE", "1")
+        yield
+
+
+def run_on_8_devices(script: str) -> None:
+    """Runs `script` in a subprocess (XLA_FLAGS must be set before jax is imported; the script does)
+    with this folder as argv[1] and the repository on the path; it must print OK."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    env = dict(os.environ, DPOST_SAMPLER_FAST_COMPILE="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script, here], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
 
 
 def random_prompts(n: int, vocab: int, rng: np.random.RandomState, low: int = 3, high: int = 30):

@@ -4,10 +4,9 @@ is imported."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from sampling_toys import run_on_8_devices
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -42,9 +41,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_sampling_equals_single_device():
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, DPOST_SAMPLER_FAST_COMPILE="1", PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, here], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    run_on_8_devices(SCRIPT)

