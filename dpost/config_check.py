@@ -109,6 +109,8 @@ def _optimizer_rules(prefix: str) -> dict[str, Rule]:
 
 
 def _sampling_rules(prefix: str) -> dict[str, Rule]:
+    from dpost.sampling import BATCHING
+
     return {
         f"{prefix}.num_samples": integer(1),
         f"{prefix}.temperature": number(0),
@@ -119,6 +121,7 @@ def _sampling_rules(prefix: str) -> dict[str, Rule]:
         f"{prefix}.calculator": BOOLEAN,
         f"{prefix}.shard_questions": integer(1),
         f"{prefix}.length_buckets": POSITIVE_INTS,
+        f"{prefix}.batching": one_of(BATCHING),
     }
 
 

@@ -52,7 +52,7 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
         greedy = sampling.generate(
             bundle, prompts, num_samples=1, max_new_tokens=scfg.max_new_tokens, temperature=0.0,
             calculator=scfg.calculator, mesh=mesh, batch_size=prompts_per_batch(scfg), progress=progress,
-            length_buckets=scfg.length_buckets or None,
+            length_buckets=scfg.length_buckets or None, batching=scfg.batching,
         )
         texts = [[s.text for s in outs] for outs in greedy]
         results[name] = score(examples, texts)
@@ -61,7 +61,7 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
                 bundle, prompts, num_samples=pass_at_k, max_new_tokens=scfg.max_new_tokens,
                 temperature=pass_at_k_temperature, calculator=scfg.calculator, mesh=mesh,
                 batch_size=prompts_per_batch(scfg), progress=progress, seed=seed,
-                length_buckets=scfg.length_buckets or None,
+                length_buckets=scfg.length_buckets or None, batching=scfg.batching,
             )
             k_scores = score(examples, [[s.text for s in outs] for outs in sampled])
             results[name].update({k: v for k, v in k_scores.items() if "@" in k})

@@ -127,7 +127,7 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
             sampler, prompts, num_samples=scfg.num_samples, max_new_tokens=scfg.max_new_tokens,
             temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k, seed=stage_seed(seed, index),
             calculator=scfg.calculator, mesh=mesh, batch_size=prompts_per_batch(scfg), progress=progress,
-            length_buckets=scfg.length_buckets or None,
+            length_buckets=scfg.length_buckets or None, batching=scfg.batching,
         )
         rows = []
         for ex, prompt, outs in zip(shard, prompts, outputs):

@@ -56,6 +56,7 @@ ENUMERATED = [
     ("model.source", "safetensors:x", "hf:<location>, gguf:<location>, orbax:<location>, scratch, pretrain, ''"),
     ("eval.checkpoint", "scratch", "hf:<location>, gguf:<location>, orbax:<location>, ''"),
     ("pairs.similarity", "word", "'subword', 'words'"),
+    ("sampling.labels.batching", "dynamic", "'continuous', 'static'"),
     ("pseudo_labels.similarity", "tokens", "'subword', 'words'"),
 ]
 
