@@ -86,8 +86,11 @@ def test_dpo_st_end_to_end(reference_run):
     assert [(s["iteration"], s["stage"]) for s in results["stages"]] == [(0, "sft"), (1, "dpo"), (1, "sft")]
     dpo, sft1 = results["stages"][1], results["stages"][2]
     assert dpo["pairs"] > 0 and sft1["pseudo_labels"] >= 48  # every gold rationale is a label
-    for stage in results["stages"]:
-        assert set(stage["eval"]) == {"dev", "test"} and stage["eval"]["test"]["n"] == 16
+    for stage in results["stages"]:  # arith_tiny evaluates the SFT models only (eval.every_stage False)
+        if stage["stage"] == "sft":
+            assert set(stage["eval"]) == {"dev", "test"} and stage["eval"]["test"]["n"] == 16
+        else:
+            assert stage["eval"] == {}
         assert stage["flops"] > 0
     assert results["final"]["model"] == "sft_1"
     for name in ("report.md", "accuracy.png", "config.json"):
