@@ -11,7 +11,7 @@ import pytest
 
 from dpost import startup
 
-from conftest import require
+from tests.conftest import require
 
 ON = f"{startup.TUNABLE}=1"
 
