@@ -62,10 +62,10 @@ def load_results(workdir) -> dict:
 
 
 def comparable(results: dict) -> dict:
-    """results.json without wall-clock fields."""
+    """results.json without wall-clock fields and without whether M0 came from the cache."""
     def strip(obj):
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k != "seconds"}
+            return {k: strip(v) for k, v in obj.items() if k not in ("seconds", "reused")}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
