@@ -26,6 +26,7 @@ setup(
         "tensorboardX",
         "matplotlib",
         "numpy",
+        "scipy",
     ],
     extras_require={
         # References and peers for tests/benchmarks only: never imported by dpost itself.
