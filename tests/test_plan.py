@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from dpost import plan as plan_lib
-from dpost.models.scoring import prompt_bucket
+from dpost.data.batching import quarter_octave_bucket as prompt_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3

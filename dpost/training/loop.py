@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from dpost import distributed
 from dpost import sharding as sharding_lib
+from dpost.data.batching import COMPLETION_KEYS, pad_to_lengths
 from dpost.training import checkpoints as ckpt_lib
 from dpost.training.state import TrainState
 
@@ -81,30 +82,6 @@ def steps_for_epochs(num_examples: int, batch_size: int, epochs: float, drop_rem
 # --------------------------------------------------------------------------------------------------
 # batches
 # --------------------------------------------------------------------------------------------------
-COMPLETION_KEYS = ("completion", "chosen", "rejected")
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], prompt_len: int | None = None, completion_len: int | None = None,
-              pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pads a batch to fixed lengths: prompts on the left, completions on the right."""
-    out = dict(batch)
-    if prompt_len is not None and "prompt" in batch:
-        extra = prompt_len - batch["prompt"].shape[1]
-        if extra < 0:
-            raise ValueError(f"prompt length {batch['prompt'].shape[1]} exceeds pad_to {prompt_len}")
-        out["prompt"] = np.pad(batch["prompt"], ((0, 0), (extra, 0)), constant_values=pad_id)
-        out["prompt_mask"] = np.pad(batch["prompt_mask"], ((0, 0), (extra, 0)))
-    if completion_len is not None:
-        for k in COMPLETION_KEYS:
-            if k in batch:
-                extra = completion_len - batch[k].shape[1]
-                if extra < 0:
-                    raise ValueError(f"{k} length {batch[k].shape[1]} exceeds pad_to {completion_len}")
-                out[k] = np.pad(batch[k], ((0, 0), (0, extra)), constant_values=pad_id)
-                out[k + "_mask"] = np.pad(batch[k + "_mask"], ((0, 0), (0, extra)))
-    return out
-
-
 def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     """Non-padding tokens the step processes (a pair batch runs the prompt twice)."""
     keys = [k for k in COMPLETION_KEYS if k + "_mask" in batch]
@@ -301,7 +278,7 @@ def run(
                     log.warning("data exhausted after %d steps (planned %d)", step, cfg.num_steps)
                     break
                 if pad_to is not None:
-                    batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+                    batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
                 n_tokens = count_tokens(batch)
                 tokens_window += n_tokens
                 tokens_total += n_tokens
@@ -380,7 +357,7 @@ def evaluate_sft(eval_step, params, batches, *, mesh=None, rules=None, pad_to=No
     nll, tokens = 0.0, 0.0
     for batch in batches:
         if pad_to is not None:
-            batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+            batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
         out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
@@ -394,7 +371,7 @@ def evaluate_dpo(eval_step, params, batches, ref_params=None, *, mesh=None, rule
     sums: dict[str, float] = {}
     for batch in batches:
         if pad_to is not None:
-            batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+            batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
         out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules), ref_params))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)

@@ -10,7 +10,7 @@ import pytest
 
 from dpost.data import pipeline, synthetic
 from dpost.data.formatting import format_example, format_prompt
-from dpost.data.pipeline import bucket_length, collate, make_batch, make_loader
+from dpost.data.pipeline import collate, make_batch, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,6 @@ def tok(splits, tmp_path_factory):
 
 
 PAD, BOS, EOS = 0, 1, 2
-
-
-@pytest.mark.parametrize("n,cap,expected", [(0, 200, 16), (1, 200, 16), (16, 200, 16), (17, 200, 32),
-                                            (64, 200, 64), (65, 200, 128), (129, 200, 200), (300, 256, 256)])
-def test_bucket_length(n, cap, expected):
-    assert bucket_length(n, cap) == expected
 
 
 def _rows(ids, mask):
