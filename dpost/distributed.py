@@ -172,22 +172,3 @@ def host_rows(batch: dict) -> dict:
     n = len(next(iter(batch.values()))) // jax.process_count()
     i = jax.process_index()
     return {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
-
-
-class HostBatches:
-    """This host's rows of every global batch of a checkpointable iterator (state passes through)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return host_rows(next(self.batches))
-
-    def get_state(self):
-        return self.batches.get_state()
-
-    def set_state(self, state) -> None:
-        self.batches.set_state(state)

@@ -344,7 +344,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     if dcfg.reference == "in_step":
         ref_params = policy.params
         step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
-    data = distributed.HostBatches(training.ArrayIterator(arrays, batch_size, seed=seed))
+    data = pipeline.make_array_loader(arrays, batch_size=batch_size // jax.process_count(), seed=seed)
 
     eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules,
                                             logits_chunk=cfg.model.logits_chunk or None)

@@ -23,8 +23,9 @@ completion key (``completion``, or ``chosen`` and ``rejected`` for preference pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -281,4 +282,39 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
 
     ds = ds.batch(batch_size * count, drop_remainder=drop_remainder, batch_fn=batch_fn)
     # Items are tokenized up front; collation is cheap, so a small prefetch suffices.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+def make_array_loader(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int = 0,
+                      shard_index: int | None = None, shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """A grain iterator of per-host batches of rows of ``arrays`` (equal-length columns, already
+    padded to one shape, e.g. DPO pairs with their reference log-probs); repeats forever;
+    checkpoint it with ``get_state()``/``set_state()``.
+
+    Epoch ``e`` is the permutation ``default_rng([seed, e])`` of the rows, cut into whole global
+    batches of ``batch_size * shard_count`` rows (an epoch's last partial batch is skipped, so a row
+    is seen at most once per epoch); each host takes its contiguous part of every global batch
+    (``shard_index`` of ``shard_count``; default: the JAX process), as ``make_loader`` does.
+    """
+    import grain
+
+    index, count = _shard(shard_index, shard_count)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    n = len(next(iter(arrays.values())))
+    global_batch = batch_size * count
+    if n < global_batch:
+        raise ValueError(f"{n} rows do not fill one batch of {global_batch}")
+    per_epoch = n // global_batch * global_batch
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def batch_fn(rows: Sequence[int]) -> dict[str, np.ndarray]:
+        mine = np.asarray(rows[index * batch_size : (index + 1) * batch_size])
+        return {k: v[mine] for k, v in arrays.items()}
+
+    ds = grain.MapDataset.source(range(per_epoch)).repeat(None)
+    ds = ds.map_with_index(lambda position, j: int(order(position // per_epoch)[j]))
+    ds = ds.batch(global_batch, drop_remainder=True, batch_fn=batch_fn)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

@@ -18,7 +18,6 @@ from dpost.training.checkpoints import (
     restore_params,
 )
 from dpost.training.loop import (
-    ArrayIterator,
     LoopConfig,
     LoopResult,
     MetricLogger,
@@ -47,7 +46,7 @@ from dpost.training.steps import (
 )
 
 __all__ = [
-    "ArrayIterator", "CheckpointMismatchError", "Checkpointer", "DPOConfig", "DPO_METRICS", "LOSS_TYPES",
+    "CheckpointMismatchError", "Checkpointer", "DPOConfig", "DPO_METRICS", "LOSS_TYPES",
     "LoopConfig", "LoopResult", "MetricLogger", "OptimizerConfig", "Preempted", "PreemptionGuard", "Step",
     "TrainState", "abstract_state", "count_tokens", "create_train_state", "decay_mask",
     "dpo_loss", "evaluate_dpo", "evaluate_sft", "make_dpo_eval_step", "make_dpo_step", "make_optimizer",

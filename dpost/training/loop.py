@@ -103,43 +103,6 @@ def put_batch(batch: Mapping[str, Any], mesh: Mesh | None = None, rules=None) ->
     return out
 
 
-class ArrayIterator:
-    """Batches of a dict of equal-length numpy arrays, reshuffled each epoch; checkpointable.
-
-    Minimal data source for tests and small runs (grain pipelines give the same interface).
-    """
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None):
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.n = len(next(iter(self.arrays.values())))
-        self.batch_size, self.seed, self.shuffle, self.num_epochs = batch_size, seed, shuffle, num_epochs
-        self.epoch, self.index = 0, 0
-
-    def __iter__(self):
-        return self
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index + self.batch_size > self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        rows = self._order(self.epoch)[self.index: self.index + self.batch_size]
-        self.index += self.batch_size
-        return {k: v[rows] for k, v in self.arrays.items()}
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def set_state(self, state: Mapping) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
 # --------------------------------------------------------------------------------------------------
 # logging
 # --------------------------------------------------------------------------------------------------

@@ -174,6 +174,35 @@ def test_eval_loader_keeps_everything_in_lockstep():
     assert only["valid"].tolist() == [0, 0, 0, 0] and set(only) >= {"completion", "completion_mask"}
 
 
+def _array_batches(n_rows, batch_size, steps, **kw):
+    arrays = {"row": np.arange(n_rows), "twice": np.arange(n_rows)[:, None] * np.array([[2, 2]])}
+    it = pipeline.make_array_loader(arrays, batch_size=batch_size, **kw)
+    return it, [next(it) for _ in range(steps)]
+
+
+def test_array_loader_takes_whole_batches_of_each_epochs_permutation():
+    _, batches = _array_batches(10, 4, 5, seed=5, shard_index=0, shard_count=1)
+    # 10 rows, batches of 4: two batches per epoch, the last 2 rows of each epoch's order skipped
+    orders = [np.random.default_rng([5, epoch]).permutation(10) for epoch in range(3)]
+    want = [orders[0][:4], orders[0][4:8], orders[1][:4], orders[1][4:8], orders[2][:4]]
+    assert [b["row"].tolist() for b in batches] == [w.tolist() for w in want]
+    assert all((b["twice"] == 2 * b["row"][:, None]).all() for b in batches)  # rows stay whole
+
+
+def test_array_loader_hosts_split_each_global_batch_and_resume():
+    _, single = _array_batches(12, 4, 6, seed=1, shard_index=0, shard_count=1)
+    hosts = [_array_batches(12, 2, 6, seed=1, shard_index=i, shard_count=2)[1] for i in range(2)]
+    assert [np.concatenate([h0["row"], h1["row"]]).tolist() for h0, h1 in zip(*hosts)] == \
+        [b["row"].tolist() for b in single]
+    it, _ = _array_batches(12, 4, 4, seed=1, shard_index=0, shard_count=1)
+    state = it.get_state()
+    resumed, _ = _array_batches(12, 4, 0, seed=1, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    assert [next(resumed)["row"].tolist() for _ in range(2)] == [b["row"].tolist() for b in single[4:6]]
+    with pytest.raises(ValueError, match="3 rows do not fill one batch of 4"):
+        pipeline.make_array_loader({"row": np.arange(3)}, batch_size=4, shard_index=0, shard_count=1)
+
+
 def test_collate_rejects_too_many_items():
     with pytest.raises(ValueError):
         collate(_items(5), pad_id=0, max_prompt_len=16, max_completion_len=16, batch_size=4)

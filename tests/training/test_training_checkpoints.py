@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import training_helpers as th  # noqa: E402
 
 from dpost import training  # noqa: E402
+from dpost.data import pipeline  # noqa: E402
 from dpost.training import loop  # noqa: E402
 
 
@@ -144,7 +145,7 @@ def test_loop_evaluates_and_logs(tmp_path):
     step = training.make_sft_step(module, tx, lr_schedule=training.make_schedule(ocfg))
     eval_step = training.make_sft_eval_step(module)
     held_out = [th.sft_batch(50, batch=4, vocab=48)]
-    data = training.ArrayIterator(th.sft_batch(51, batch=8, vocab=48), batch_size=4)
+    data = pipeline.make_array_loader(th.sft_batch(51, batch=8, vocab=48), batch_size=4)
     lines = []
     result = training.run(
         step, training.create_train_state(params, tx), data,

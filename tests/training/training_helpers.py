@@ -121,7 +121,7 @@ def pair_batch(seed: int, batch: int = 4, prompt_len: int = 8, chosen_len: int =
 
 
 def pair_dataset(seed: int, n: int, **kw):
-    """A dict of arrays with n pairs (for ArrayIterator)."""
+    """A dict of arrays with n pairs (for `pipeline.make_array_loader`)."""
     return pair_batch(seed, batch=n, **kw)
 
 
