@@ -12,7 +12,6 @@ written by process 0 only.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 import logging
 from etils import epath
 
-from dpost import distributed, models, sampling, training
+from dpost import distributed, faults, models, sampling, training
 from dpost.data import batching, builders, formatting, pipeline
 from dpost.data.gsm8k import Example
 from dpost.distributed import barrier  # noqa: F401 (also the driver's)
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CKPT_DIR = "checkpoints"
-KILL_AFTER_SHARD_ENV = "DPOST_TEST_KILL_AFTER_SHARD"  # tests: "<stage path suffix>:<shard>" -> os._exit
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -132,7 +130,7 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
             ]})
         write_jsonl_atomic(path, rows)
         log.info("%s: shard %d/%d written", stage.path, index + 1, len(shards))
-        _maybe_kill(stage, index)
+        faults.after_shard(stage.path, index)
     barrier(f"sampled {stage.path}")
     # FLOPs from every shard file (also those written before a resume or by other hosts).
     tokens = sum(row.get("prompt_tokens", 0) + sum(len(x["token_ids"]) for x in row["samples"])
@@ -141,13 +139,6 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
     rates = builders.pass_rates(question_samples(examples, [read_samples(stage)]))
     return stage.finish(samples=n_samples, num_samples=scfg.num_samples, flops=2.0 * num_params(bundle.params) * tokens,
                         shards=len(shards), **rates)
-
-
-def _maybe_kill(stage: StageDir, shard: int) -> None:
-    """Test hook: simulate a crash right after a given sampling shard was written."""
-    target = os.environ.get(KILL_AFTER_SHARD_ENV, "")
-    if target and str(stage.path).endswith(target.rsplit(":", 1)[0]) and int(target.rsplit(":", 1)[1]) == shard:
-        os._exit(17)
 
 
 def read_samples(stage: StageDir) -> dict[str, list[dict]]:

@@ -32,21 +32,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dpost import distributed
+from dpost import distributed, faults
 from dpost import sharding as sharding_lib
 from dpost.data.batching import COMPLETION_KEYS, pad_to_lengths
 from dpost.training import checkpoints as ckpt_lib
 from dpost.training.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# Test hooks (used by tests/training/test_resume.py): after step N, hard-kill the process
-# (os._exit, no cleanup, pending async saves are finished first so the kill lands between two
-# checkpoints deterministically) or send ourselves SIGTERM.
-KILL_ENV = "DPOST_TEST_KILL_AFTER_STEP"
-KILL_STAGE_ENV = "DPOST_TEST_KILL_STAGE"
-SIGTERM_ENV = "DPOST_TEST_SIGTERM_AFTER_STEP"
-
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -202,10 +194,7 @@ def run(
     start_step = int(jax.device_get(state.step))
     history: list[dict] = []
     eval_history: list[dict] = []
-    # Optional stage filter (driver tests crash one particular stage): DPOST_TEST_KILL_STAGE=iter_1/dpo
-    kill_stage = os.environ.get(KILL_STAGE_ENV)
-    kill_after = int(os.environ.get(KILL_ENV, "-1")) if kill_stage in (None, cfg.name) else -1
-    sigterm_after = int(os.environ.get(SIGTERM_ENV, "-1"))
+    injected = faults.for_stage(cfg.name)  # tests only
     meta = dict(meta or {}, stage=cfg.name, num_steps=cfg.num_steps)
 
     bar = None
@@ -272,8 +261,7 @@ def run(
                     do_eval(step)
                 if ckpt is not None:
                     ckpt.save(state, data_state=position, meta=meta, step=step)
-                if step == sigterm_after:
-                    os.kill(os.getpid(), 15)
+                injected.after_step(step)
                 stop_requested = guard.should_stop(step) or stop_requested
                 if stop_vote.decided(stop_requested, last=step == cfg.num_steps):
                     if ckpt is not None:
@@ -281,10 +269,7 @@ def run(
                         ckpt.wait()
                         logger.write_line(f"[{cfg.name}] preempted: saved step {step}, exiting")
                     raise ckpt_lib.Preempted(step)
-                if step == kill_after:
-                    if ckpt is not None:
-                        ckpt.wait()
-                    os._exit(17)
+                injected.after_save(step, ckpt.wait if ckpt is not None else None)
             if pending:
                 for s, m in jax.device_get(pending):
                     history.append({"step": s, **{k: float(v) for k, v in m.items()}})

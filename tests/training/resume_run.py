@@ -4,7 +4,7 @@
 
 AdamW with warm-up + cosine, grad accumulation 2, reference in the step, data from a checkpointable
 grain loader (`pipeline.make_array_loader`) that crosses an epoch boundary. Saves every 2 steps. The test hooks
-DPOST_TEST_KILL_AFTER_STEP / DPOST_TEST_SIGTERM_AFTER_STEP (see dpost/training/loop.py) interrupt
+DPOST_TEST_KILL_AFTER_STEP / DPOST_TEST_SIGTERM_AFTER_STEP (see dpost/faults.py) interrupt
 it; a rerun with the same CKPT_DIR resumes. Writes the final params to OUT_NPZ and prints a JSON
 line {"resumed_from", "final_step", "steps"}.
 """

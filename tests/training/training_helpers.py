@@ -161,8 +161,7 @@ import tempfile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-KILL_ENV = "DPOST_TEST_KILL_AFTER_STEP"  # dpost.training.loop.KILL_ENV (not imported: no jax here)
-SIGTERM_ENV = "DPOST_TEST_SIGTERM_AFTER_STEP"
+from dpost.faults import KILL_AFTER_STEP as KILL_ENV, SIGTERM_AFTER_STEP as SIGTERM_ENV  # noqa: E402
 
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 _JOBS: dict[str, concurrent.futures.Future] = {}
