@@ -29,15 +29,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from dpost.data.batching import COMPLETION_KEYS, bucket_length, completion_keys, pad_rows
+from dpost.data.batching import bucket_length, completion_keys, pad_rows
 from dpost.data.formatting import FAMILIES
 
 log = logging.getLogger(__name__)
 
-# (max prompt tokens, max completion tokens) per family, as the release (protocol "Lengths").
-MAX_LENGTHS = {"t5": (200, 300), "llama": (256, 384)}
-
-Item = dict[str, np.ndarray]  # "prompt" and one or more COMPLETION_KEYS; {} is a filler row
+Item = dict[str, np.ndarray]  # "prompt" and completions (batching.COMPLETION_KEYS); {} is a filler row
 
 
 def _check_family(family: str) -> None:
@@ -147,13 +144,6 @@ def _fits(item: Item, max_prompt_len: int, max_completion_len: int) -> bool:
         len(item[k]) <= max_completion_len for k in completion_keys(item))
 
 
-def _truncate(item: Item, max_prompt_len: int, max_completion_len: int) -> Item:
-    """Keep the prompt's last tokens (its instruction tail) and each completion's first tokens."""
-    out = {"prompt": item["prompt"][-max_prompt_len:]}
-    out.update({k: v[:max_completion_len] for k, v in item.items() if k in COMPLETION_KEYS})
-    return out
-
-
 def tokenize_item(tokenizer: Any, family: str, prompt_text: str, *completions: str,
                   keys: Sequence[str] = ("completion",)) -> Item:
     """One item: the prompt and each completion under ``keys`` (e.g. ("chosen", "rejected"))."""
@@ -187,35 +177,6 @@ def _tokenize_all(items: list[Item], max_prompt_len: int, max_completion_len: in
         log.info("filtered %d of %d %s longer than %d prompt / %d completion tokens",
                  n_filtered, len(items), what, max_prompt_len, max_completion_len)
     return Tokenized(kept, n_filtered)
-
-
-def make_batch(examples: Sequence[tuple[str, ...] | str], tokenizer: Any, family: str, *,
-               max_prompt_len: int | None = None, max_completion_len: int | None = None,
-               batch_size: int | None = None, truncate: bool = False) -> dict[str, np.ndarray]:
-    """Tokenize and pad in one call (for samplers, scoring and tests).
-
-    ``examples``: prompt strings (prompt-only batch), (prompt, target) pairs (``completion``) or
-    (prompt, chosen, rejected) triples (``chosen``/``rejected``); texts already formatted with
-    ``dpost.data.formatting``. Over-length rows raise unless ``truncate``.
-    """
-    default_p, default_c = MAX_LENGTHS.get(family, (None, None))
-    max_p = max_prompt_len or default_p
-    max_c = max_completion_len or default_c
-    items = []
-    for ex in examples:
-        ex = (ex,) if isinstance(ex, str) else tuple(ex)
-        if len(ex) not in (1, 2, 3):
-            raise ValueError(f"expected a prompt, (prompt, target) or (prompt, chosen, rejected); got {len(ex)} texts")
-        keys = ((), ("completion",), ("chosen", "rejected"))[len(ex) - 1]
-        item = tokenize_item(tokenizer, family, ex[0], *ex[1:], keys=keys)
-        if not _fits(item, max_p, max_c):
-            if not truncate:
-                raise ValueError(f"example longer than {max_p} prompt / {max_c} completion tokens: "
-                                 f"{ex[0][:60]!r}...")
-            item = _truncate(item, max_p, max_c)
-        items.append(item)
-    _, _, pad = special_ids(tokenizer)
-    return collate(items, pad_id=pad, max_prompt_len=max_p, max_completion_len=max_c, batch_size=batch_size)
 
 
 def num_batches(n_items: int, batch_size: int, *, num_epochs: int = 1, shard_count: int = 1,
