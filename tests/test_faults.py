@@ -1,5 +1,5 @@
 """Fault-injection hooks: what the environment selects (the crashes themselves are exercised by
-the subprocess tests in test_driver.py, test_multihost.py and training/test_training_checkpoints.py)."""
+the subprocess tests in test_driver.py, test_multihost.py and training/test_checkpoints.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Child process of test_training_checkpoints.py: one small DPO stage through `training.run`.
+"""Child process of test_checkpoints.py: one small DPO stage through `training.run`.
 
     python resume_run.py CKPT_DIR OUT_NPZ [WORKDIR]
 
