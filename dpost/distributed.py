@@ -156,6 +156,14 @@ def params_to_host_local(params: Any, local_shardings: Any) -> Any:
         staged, local_shardings)
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have reached the barrier of the same name."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # -- per-host rows of global batches ---------------------------------------------------------------
 
 def host_rows(batch: dict) -> dict:
@@ -164,22 +172,3 @@ def host_rows(batch: dict) -> dict:
     n = len(next(iter(batch.values()))) // jax.process_count()
     i = jax.process_index()
     return {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
-
-
-class HostBatches:
-    """This host's rows of every global batch of a checkpointable iterator (state passes through)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return host_rows(next(self.batches))
-
-    def get_state(self):
-        return self.batches.get_state()
-
-    def set_state(self, state) -> None:
-        self.batches.set_state(state)

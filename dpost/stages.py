@@ -12,7 +12,6 @@ written by process 0 only.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -20,9 +19,10 @@ import numpy as np
 import logging
 from etils import epath
 
-from dpost import distributed, models, sampling, training
-from dpost.data import builders, formatting, pipeline
+from dpost import distributed, faults, models, sampling, training
+from dpost.data import batching, builders, formatting, pipeline
 from dpost.data.gsm8k import Example
+from dpost.distributed import barrier  # noqa: F401 (also the driver's)
 from dpost.models.bundle import ModelBundle
 from dpost.workdir import StageDir, read_jsonl, write_jsonl_atomic
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CKPT_DIR = "checkpoints"
-KILL_AFTER_SHARD_ENV = "DPOST_TEST_KILL_AFTER_SHARD"  # tests: "<stage path suffix>:<shard>" -> os._exit
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -41,13 +40,6 @@ def num_params(params) -> int:
 
 def stage_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
-
-
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def load_stage_model(stage: StageDir, mesh, rules, dtype: str) -> ModelBundle:
@@ -138,7 +130,7 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
             ]})
         write_jsonl_atomic(path, rows)
         log.info("%s: shard %d/%d written", stage.path, index + 1, len(shards))
-        _maybe_kill(stage, index)
+        faults.after_shard(stage.path, index)
     barrier(f"sampled {stage.path}")
     # FLOPs from every shard file (also those written before a resume or by other hosts).
     tokens = sum(row.get("prompt_tokens", 0) + sum(len(x["token_ids"]) for x in row["samples"])
@@ -147,13 +139,6 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
     rates = builders.pass_rates(question_samples(examples, [read_samples(stage)]))
     return stage.finish(samples=n_samples, num_samples=scfg.num_samples, flops=2.0 * num_params(bundle.params) * tokens,
                         shards=len(shards), **rates)
-
-
-def _maybe_kill(stage: StageDir, shard: int) -> None:
-    """Test hook: simulate a crash right after a given sampling shard was written."""
-    target = os.environ.get(KILL_AFTER_SHARD_ENV, "")
-    if target and str(stage.path).endswith(target.rsplit(":", 1)[0]) and int(target.rsplit(":", 1)[1]) == shard:
-        os._exit(17)
 
 
 def read_samples(stage: StageDir) -> dict[str, list[dict]]:
@@ -230,13 +215,10 @@ def gold_labels(examples: Sequence[Example], family: str) -> list[tuple[str, str
 
 # -- training --------------------------------------------------------------------------------------
 
-def _fixed_lengths(items: Sequence[dict], keys: Sequence[str], max_p: int, max_c: int) -> tuple[int, int]:
-    """One (prompt, completion) shape for the whole stage: its longest rows, rounded up to 16."""
-    def round_up(n, cap):
-        return min(cap, -(-n // 16) * 16)
-
-    return (round_up(max(len(it["prompt"]) for it in items), max_p),
-            round_up(max(len(it[k]) for it in items for k in keys), max_c))
+def _stage_lengths(items: Sequence[dict], keys: Sequence[str], max_p: int, max_c: int) -> tuple[int, int]:
+    """One (prompt, completion) shape for the whole stage, from its longest rows."""
+    return (batching.stage_length(max(len(it["prompt"]) for it in items), max_p),
+            batching.stage_length(max(len(it[k]) for it in items for k in keys), max_c))
 
 
 def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage: StageDir, *, seed: int,
@@ -258,7 +240,7 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     step = training.make_sft_step(base.module, optimizer, lr_schedule=training.make_schedule(opt_cfg),
                                   grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
                                   logits_chunk=cfg.model.logits_chunk or None, dropout=cfg.model.dropout)
-    p_len, c_len = _fixed_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
+    p_len, c_len = _stage_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     pad = base.pad_token_id
     data = pipeline.make_loader(tok.items, batch_size=batch_size // jax.process_count(), pad_id=pad,
                                 max_prompt_len=p_len, max_completion_len=c_len, seed=seed, shuffle=True,
@@ -310,7 +292,7 @@ def _pair_items(bundle: ModelBundle, rows: Sequence[dict], max_p: int, max_c: in
 def _pair_arrays(items, pad_id, p_len, c_len) -> dict[str, np.ndarray]:
     batch = pipeline.collate(items, pad_id=pad_id, max_prompt_len=p_len, max_completion_len=c_len,
                              keys=("chosen", "rejected"))
-    return training.pad_batch(batch, p_len, c_len, pad_id)
+    return batching.pad_to_lengths(batch, p_len, c_len, pad_id)
 
 
 def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageDir, *, seed: int,
@@ -322,7 +304,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     if not items:
         raise ValueError(f"{stage.path}: no preference pair fits the length limits; nothing to train DPO on")
     pad = policy.pad_token_id
-    p_len, c_len = _fixed_lengths(items, ["chosen", "rejected"], cfg.data.max_prompt_len, cfg.data.max_target_len)
+    p_len, c_len = _stage_lengths(items, ["chosen", "rejected"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     arrays = _pair_arrays(items, pad, p_len, c_len)
     ref_c = np.array([np.nan if r[0] is None else r[0] for r in refs], np.float32)
     ref_r = np.array([np.nan if r[1] is None else r[1] for r in refs], np.float32)
@@ -353,7 +335,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     if dcfg.reference == "in_step":
         ref_params = policy.params
         step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
-    data = distributed.HostBatches(training.ArrayIterator(arrays, batch_size, seed=seed))
+    data = pipeline.make_array_loader(arrays, batch_size=batch_size // jax.process_count(), seed=seed)
 
     eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules,
                                             logits_chunk=cfg.model.logits_chunk or None)
@@ -384,24 +366,17 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
 
 
 def _eval_batches(arrays: dict[str, np.ndarray], n_eval: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The release's DPO eval set, exactly its first `n_eval` pairs, in batches of one shape: the
-    last batch is filled with copies of its last row marked invalid (`valid` 0, not counted)."""
+    """The release's DPO eval set, exactly its first `n_eval` pairs, in batches of one shape (the
+    last one filled with rows marked invalid, not counted)."""
     n_eval = min(n_eval, len(arrays["prompt"]))
-    batches = []
-    for start in range(0, n_eval, batch_size):
-        batch = {k: v[start : min(start + batch_size, n_eval)] for k, v in arrays.items()}
-        short = batch_size - len(batch["prompt"])
-        if short:
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
-            batch["valid"][-short:] = 0
-        batches.append(batch)
-    return batches
+    return [batching.fill_batch({k: v[start : min(start + batch_size, n_eval)] for k, v in arrays.items()}, batch_size)
+            for start in range(0, n_eval, batch_size)]
 
 
 def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Sequence[tuple[int, str]],
                  batch_size: int = 32, logits_chunk: int | None = None) -> np.ndarray:
     """Summed log-probs of the (pair row, "chosen" | "rejected") completions in `wanted`, in batches
-    of one fixed shape (one compiled program; the last batch is filled by repeating its last row).
+    of one fixed shape (one compiled program; the last batch's filler rows are dropped).
     Chosen and rejected share one padded width, as `_pair_arrays` makes them."""
     rows = np.array([i for i, _ in wanted])
     columns = {"prompt": arrays["prompt"][rows], "prompt_mask": arrays["prompt_mask"][rows],
@@ -411,10 +386,9 @@ def _score_sides(bundle: ModelBundle, arrays: dict[str, np.ndarray], wanted: Seq
     out = []
     for start in range(0, len(wanted), bs):
         chunk = {k: v[start : start + bs] for k, v in columns.items()}
-        short = bs - len(chunk["prompt"])
-        if short:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in chunk.items()}
+        rows_here = len(chunk["prompt"])
+        chunk = batching.fill_batch(chunk, bs)
         scores = models.scoring.padded_sequence_logprobs(
             bundle, chunk["prompt"], chunk["prompt_mask"], chunk["completion"], chunk["completion_mask"], logits_chunk)
-        out.append(scores[: bs - short])
+        out.append(scores[:rows_here])
     return np.concatenate(out).astype(np.float32)

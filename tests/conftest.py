@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import tempfile
@@ -22,6 +23,15 @@ def require(condition: bool, what: str) -> None:
         if IN_CI:
             pytest.fail(f"required test component missing under CI: {what}")
         pytest.skip(f"missing: {what}")
+
+
+def reference(module: str):
+    """A library the tests use as an independent reference (torch, transformers, trl), imported;
+    missing: skipped locally, a failure under CI=true."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        require(False, f"{module} (test reference): {err}")
 
 
 def smollm2_path() -> str:

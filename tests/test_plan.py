@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from dpost import plan as plan_lib
-from dpost.models.scoring import prompt_bucket
+from dpost.data.batching import quarter_octave_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024**3
@@ -163,7 +163,7 @@ def test_kv_cache_equals_the_samplers_state():
     module = family.make_module(spec.config)
     params = nn.unbox(sources.abstract_params(family, spec.config))
     sc = config.sampling.pairs
-    p, m, n = prompt_bucket(config.data.max_prompt_len), sc.max_new_tokens, sc.num_samples
+    p, m, n = quarter_octave_bucket(config.data.max_prompt_len), sc.max_new_tokens, sc.num_samples
     prompts = sc.batch_size // n
     opts = sampler.StaticOptions(max_new_tokens=m, num_samples=n, greedy=False)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -199,7 +199,7 @@ def test_sampler_weight_copies_cover_the_decode_copy(dtype):
 def test_sampling_rows_use_the_configured_length_buckets():
     config = load_config("arith_tiny")
     p = int(config.data.max_prompt_len)
-    assert tiny_plan().stage("sample pairs").batch.endswith(f"x {prompt_bucket(p)}+{config.sampling.pairs.max_new_tokens} tok")
+    assert tiny_plan().stage("sample pairs").batch.endswith(f"x {quarter_octave_bucket(p)}+{config.sampling.pairs.max_new_tokens} tok")
     custom = tiny_plan(**{"sampling.pairs.length_buckets": (p + 100,)})
     assert custom.stage("sample pairs").batch.endswith(f"x {p + 100}+{config.sampling.pairs.max_new_tokens} tok")
     assert custom.stage("sample labels").batch == tiny_plan().stage("sample labels").batch

@@ -16,29 +16,25 @@ tokenizer's own post-processor cannot double them. Lengths include the special t
 
 Batches are dicts of numpy arrays: ``prompt``/``prompt_mask`` [B, P] left-padded, and for each
 completion key (``completion``, or ``chosen`` and ``rejected`` for preference pairs) ``X``/``X_mask``
-[B, C] right-padded, plus ``valid`` [B] (0 for batch-filling rows). P and C are the next power of
-two (at least 16) of the longest row, capped at the configured maximum: few distinct shapes, so
-few recompiles.
+[B, C] right-padded, plus ``valid`` [B] (0 for batch-filling rows). P and C are the
+``batching.bucket_length`` of the longest row, capped at the configured maximum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from dpost.data.batching import bucket_length, completion_keys, pad_rows
 from dpost.data.formatting import FAMILIES
 
 log = logging.getLogger(__name__)
 
-# (max prompt tokens, max completion tokens) per family, as the release (protocol "Lengths").
-MAX_LENGTHS = {"t5": (200, 300), "llama": (256, 384)}
-MIN_BUCKET = 16
-COMPLETION_KEYS = ("completion", "chosen", "rejected")
-
-Item = dict[str, np.ndarray]  # "prompt" and one or more COMPLETION_KEYS; {} is a filler row
+Item = dict[str, np.ndarray]  # "prompt" and completions (batching.COMPLETION_KEYS); {} is a filler row
 
 
 def _check_family(family: str) -> None:
@@ -108,29 +104,8 @@ def encode_example(tokenizer: Any, family: str, prompt_text: str,
     return ([bos] if bos is not None else []) + prompt, target + _eos(tokenizer)
 
 
-def bucket_length(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= n (at least ``minimum``), capped at ``cap``."""
-    size = max(minimum, 1 << max(0, int(n) - 1).bit_length())
-    return min(size, cap)
-
-
-def _pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(seqs), length), dtype=np.int32)
-    for i, s in enumerate(seqs):
-        n = len(s)
-        if n > length:
-            raise ValueError(f"sequence of {n} tokens does not fit length {length}")
-        if n:
-            sl = slice(length - n, length) if left else slice(0, n)
-            ids[i, sl] = s
-            mask[i, sl] = 1
-    return ids, mask
-
-
 def collate(items: Sequence[Item], *, pad_id: int, max_prompt_len: int, max_completion_len: int,
-            batch_size: int | None = None, min_bucket: int = MIN_BUCKET,
-            keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+            batch_size: int | None = None, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Pad tokenized items into one fixed-shape batch (see module doc). Empty dicts are filler
     rows (``valid`` 0); ``batch_size`` pads the batch dimension with filler rows. ``keys``: the
     completion keys, inferred from the first real item (needed when every row is filler)."""
@@ -143,15 +118,15 @@ def collate(items: Sequence[Item], *, pad_id: int, max_prompt_len: int, max_comp
     if keys is None:
         if not real:
             raise ValueError("cannot infer completion keys from a batch of filler rows; pass keys")
-        keys = [k for k in COMPLETION_KEYS if k in real[0]]
+        keys = completion_keys(real[0])
     empty: list[int] = []
-    p_len = bucket_length(max((len(it["prompt"]) for it in real), default=0), max_prompt_len, min_bucket)
+    p_len = bucket_length(max((len(it["prompt"]) for it in real), default=0), max_prompt_len)
     c_len = bucket_length(max((len(it[k]) for it in real for k in keys), default=0),
-                          max_completion_len, min_bucket)
+                          max_completion_len)
     batch: dict[str, np.ndarray] = {}
-    batch["prompt"], batch["prompt_mask"] = _pad([it.get("prompt", empty) for it in items], p_len, pad_id, True)
+    batch["prompt"], batch["prompt_mask"] = pad_rows([it.get("prompt", empty) for it in items], p_len, pad_id, left=True)
     for k in keys:
-        batch[k], batch[f"{k}_mask"] = _pad([it.get(k, empty) for it in items], c_len, pad_id, False)
+        batch[k], batch[f"{k}_mask"] = pad_rows([it.get(k, empty) for it in items], c_len, pad_id, left=False)
     batch["valid"] = np.array([1 if it else 0 for it in items], dtype=np.int32)
     return batch
 
@@ -166,14 +141,7 @@ class Tokenized:
 
 def _fits(item: Item, max_prompt_len: int, max_completion_len: int) -> bool:
     return len(item["prompt"]) <= max_prompt_len and all(
-        len(item[k]) <= max_completion_len for k in COMPLETION_KEYS if k in item)
-
-
-def _truncate(item: Item, max_prompt_len: int, max_completion_len: int) -> Item:
-    """Keep the prompt's last tokens (its instruction tail) and each completion's first tokens."""
-    out = {"prompt": item["prompt"][-max_prompt_len:]}
-    out.update({k: v[:max_completion_len] for k, v in item.items() if k in COMPLETION_KEYS})
-    return out
+        len(item[k]) <= max_completion_len for k in completion_keys(item))
 
 
 def tokenize_item(tokenizer: Any, family: str, prompt_text: str, *completions: str,
@@ -211,35 +179,6 @@ def _tokenize_all(items: list[Item], max_prompt_len: int, max_completion_len: in
     return Tokenized(kept, n_filtered)
 
 
-def make_batch(examples: Sequence[tuple[str, ...] | str], tokenizer: Any, family: str, *,
-               max_prompt_len: int | None = None, max_completion_len: int | None = None,
-               batch_size: int | None = None, truncate: bool = False) -> dict[str, np.ndarray]:
-    """Tokenize and pad in one call (for samplers, scoring and tests).
-
-    ``examples``: prompt strings (prompt-only batch), (prompt, target) pairs (``completion``) or
-    (prompt, chosen, rejected) triples (``chosen``/``rejected``); texts already formatted with
-    ``dpost.data.formatting``. Over-length rows raise unless ``truncate``.
-    """
-    default_p, default_c = MAX_LENGTHS.get(family, (None, None))
-    max_p = max_prompt_len or default_p
-    max_c = max_completion_len or default_c
-    items = []
-    for ex in examples:
-        ex = (ex,) if isinstance(ex, str) else tuple(ex)
-        if len(ex) not in (1, 2, 3):
-            raise ValueError(f"expected a prompt, (prompt, target) or (prompt, chosen, rejected); got {len(ex)} texts")
-        keys = ((), ("completion",), ("chosen", "rejected"))[len(ex) - 1]
-        item = tokenize_item(tokenizer, family, ex[0], *ex[1:], keys=keys)
-        if not _fits(item, max_p, max_c):
-            if not truncate:
-                raise ValueError(f"example longer than {max_p} prompt / {max_c} completion tokens: "
-                                 f"{ex[0][:60]!r}...")
-            item = _truncate(item, max_p, max_c)
-        items.append(item)
-    _, _, pad = special_ids(tokenizer)
-    return collate(items, pad_id=pad, max_prompt_len=max_p, max_completion_len=max_c, batch_size=batch_size)
-
-
 def num_batches(n_items: int, batch_size: int, *, num_epochs: int = 1, shard_count: int = 1,
                 drop_remainder: bool = True) -> int:
     """Batches per host that ``make_loader`` yields for ``n_items`` items over ``num_epochs``.
@@ -266,8 +205,7 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
 def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prompt_len: int,
                 max_completion_len: int, seed: int = 0, shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
-                shard_index: int | None = None, shard_count: int | None = None,
-                min_bucket: int = MIN_BUCKET) -> Iterator[dict[str, np.ndarray]]:
+                shard_index: int | None = None, shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """A grain iterator of per-host batches; checkpoint it with ``get_state()``/``set_state()``.
 
     The data are shuffled (every epoch, from ``seed``) and cut into global batches of
@@ -285,7 +223,7 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
 
     index, count = _shard(shard_index, shard_count)
     rows: list[Item] = list(items)
-    keys = next(([k for k in COMPLETION_KEYS if k in it] for it in rows if it), None)
+    keys = next((completion_keys(it) for it in rows if it), None)
     if keys is None:
         raise ValueError("make_loader needs at least one item")
     if drop_remainder:
@@ -301,9 +239,43 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
     def batch_fn(chunk: Sequence[Item]) -> dict[str, np.ndarray]:
         chunk = chunk[index * batch_size : (index + 1) * batch_size]  # this host's rows
         return collate(chunk, pad_id=pad_id, max_prompt_len=max_prompt_len,
-                       max_completion_len=max_completion_len, batch_size=batch_size,
-                       min_bucket=min_bucket, keys=keys)
+                       max_completion_len=max_completion_len, batch_size=batch_size, keys=keys)
 
     ds = ds.batch(batch_size * count, drop_remainder=drop_remainder, batch_fn=batch_fn)
     # Items are tokenized up front; collation is cheap, so a small prefetch suffices.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+def make_array_loader(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int = 0,
+                      shard_index: int | None = None, shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """A grain iterator of per-host batches of rows of ``arrays`` (equal-length columns, already
+    padded to one shape, e.g. DPO pairs with their reference log-probs); repeats forever;
+    checkpoint it with ``get_state()``/``set_state()``.
+
+    Epoch ``e`` is the permutation ``default_rng([seed, e])`` of the rows, cut into whole global
+    batches of ``batch_size * shard_count`` rows (an epoch's last partial batch is skipped, so a row
+    is seen at most once per epoch); each host takes its contiguous part of every global batch
+    (``shard_index`` of ``shard_count``; default: the JAX process), as ``make_loader`` does.
+    """
+    import grain
+
+    index, count = _shard(shard_index, shard_count)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    n = len(next(iter(arrays.values())))
+    global_batch = batch_size * count
+    if n < global_batch:
+        raise ValueError(f"{n} rows do not fill one batch of {global_batch}")
+    per_epoch = n // global_batch * global_batch
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def batch_fn(rows: Sequence[int]) -> dict[str, np.ndarray]:
+        mine = np.asarray(rows[index * batch_size : (index + 1) * batch_size])
+        return {k: v[mine] for k, v in arrays.items()}
+
+    ds = grain.MapDataset.source(range(per_epoch)).repeat(None)
+    ds = ds.map_with_index(lambda position, j: int(order(position // per_epoch)[j]))
+    ds = ds.batch(global_batch, drop_remainder=True, batch_fn=batch_fn)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

@@ -54,18 +54,11 @@ def _synthetic(config, workdir: str) -> Task:
             splits = synthetic.make_splits(SYNTHETIC_DATA_SEED, n_train, n_dev, n_test, synthetic.Difficulty(**s))
             synthetic.train_tokenizer(synthetic.tokenizer_corpus(splits["train"]), str(tok_dir), vocab_size)
             synthetic.write_splits(str(folder), splits)
-        _barrier("synthetic data")
+        from dpost import distributed
+
+        distributed.barrier("synthetic data")
     loaded = {split: gsm8k.load_jsonl(str(path), split) for split, path in files.items()}
     return Task(loaded["train"], {k: loaded[k] for k in ("dev", "test")}, str(tok_dir))
-
-
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def load_task(config, workdir: str) -> Task:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpost.data.batching import bucket_length, pad_rows
 from dpost.models.bundle import ModelBundle
 
 
@@ -160,35 +161,13 @@ def _sequence_logprobs(module, params, prompt, prompt_mask, completion, completi
     return completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk).sum(-1)
 
 
-def bucket_length(n: int, minimum: int = 8) -> int:
-    """Next power of two >= n (>= minimum): a handful of shapes means a handful of compilations."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+# Ragged scoring calls are few rows of short sequences; a smaller floor than collation's.
+SCORING_MIN_BUCKET = 8
 
 
-def prompt_bucket(n: int, minimum: int = 16) -> int:
-    """The sampler's prompt-length bucket: the smallest of 2^k * (1, 1.25, 1.5, 1.75) that is >= n
-    (>= minimum). Quarter-octave steps pad at most 25%: prefill compute and the KV cache that every
-    decode step reads scale with the bucket, and a run still compiles only a few prompt shapes."""
-    n = max(int(n), minimum)
-    power = 1 << max(0, n - 1).bit_length()  # 2^k >= n
-    for quarters in (5, 6, 7):  # 1.25, 1.5, 1.75 of the octave below
-        size = power // 8 * quarters
-        if power >= 8 and size >= n:
-            return size
-    return power
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left: bool, length: int | None = None):
-    """Ragged token lists -> (ids [B, L] int32, mask [B, L] int32), padded left or right."""
-    length = length or bucket_length(max((len(r) for r in rows), default=1))
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        row = list(row)[-length:] if left else list(row)[:length]
-        sl = slice(length - len(row), length) if left else slice(0, len(row))
-        ids[i, sl] = row
-        mask[i, sl] = 1
-    return ids, mask
+def _pad_ragged(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool):
+    length = bucket_length(max((len(r) for r in rows), default=1), minimum=SCORING_MIN_BUCKET)
+    return pad_rows(rows, length, pad_id, left=left)
 
 
 def sequence_logprobs(bundle: ModelBundle, prompt_ids, completion_ids) -> np.ndarray:
@@ -198,8 +177,8 @@ def sequence_logprobs(bundle: ModelBundle, prompt_ids, completion_ids) -> np.nda
     completions right-padded to power-of-two buckets, so repeated calls reuse compiled programs.
     """
     pad = bundle.pad_token_id
-    prompt, prompt_mask = pad_batch(prompt_ids, pad, left=True)
-    completion, completion_mask = pad_batch(completion_ids, pad, left=False)
+    prompt, prompt_mask = _pad_ragged(prompt_ids, pad, left=True)
+    completion, completion_mask = _pad_ragged(completion_ids, pad, left=False)
     return padded_sequence_logprobs(bundle, prompt, prompt_mask, completion, completion_mask)
 
 

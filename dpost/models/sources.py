@@ -21,6 +21,7 @@ from dpost import sharding as sharding_lib
 from dpost.models import convert
 from dpost.models.bundle import ModelBundle
 from dpost.models.registry import FAMILIES, Family, family_for_hf_config, get_family
+from dpost.trees import check_tree_matches
 
 MODEL_INFO_FILE = "dpost_model.json"  # beside orbax params: family + config
 PARAMS_DIR = "params"
@@ -222,30 +223,8 @@ def restore_orbax_params(params_path, boxed_abstract, mesh, rules, source: str):
         stored = ckptr.metadata(params_path)
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
-        check_tree_matches(stored_tree, abstract, source)
+        check_tree_matches(stored_tree, abstract, f"{source}: checkpoint")
         return ckptr.restore(params_path, target)
-
-
-def check_tree_matches(stored, expected, source: str) -> None:
-    """Raises ValueError naming the first key whose presence or shape differs."""
-    from flax import traverse_util
-
-    flat_stored = traverse_util.flatten_dict(_to_dict(stored), sep="/")
-    flat_expected = traverse_util.flatten_dict(_to_dict(expected), sep="/")
-    missing = sorted(set(flat_expected) - set(flat_stored))
-    extra = sorted(set(flat_stored) - set(flat_expected))
-    if missing or extra:
-        raise ValueError(f"{source}: checkpoint does not match the model: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
-    for key, want in flat_expected.items():
-        have = tuple(getattr(flat_stored[key], "shape", ()))
-        if have != tuple(want.shape):
-            raise ValueError(f"{source}: checkpoint key {key!r} has shape {have}, the model expects {tuple(want.shape)}")
-
-
-def _to_dict(tree):
-    if hasattr(tree, "items"):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
 
 
 def save_orbax(bundle: ModelBundle, directory: str) -> None:

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dpost import sharding as sharding_lib
 from dpost.models.bundle import ModelBundle
-from dpost.models.scoring import pad_batch, prompt_bucket
+from dpost.data.batching import pad_rows, quarter_octave_bucket
 from dpost.sampling import continuous, forcing
 from dpost.sampling.progress import Progress
 from dpost.sampling.sampler import StaticOptions, compiled_program_count, decode_program, prefill_program
@@ -88,7 +88,7 @@ def prompt_length_bucket(length: int, buckets: Sequence[int] | None = None) -> i
         fitting = [int(b) for b in buckets if int(b) >= length]
         if fitting:
             return min(fitting)
-    return prompt_bucket(length, MIN_PROMPT_BUCKET)
+    return quarter_octave_bucket(length, MIN_PROMPT_BUCKET)
 
 
 def _batch_shards(mesh) -> int:
@@ -240,7 +240,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
     b = _batch_bucket(len(chunk), batch_size, shards)
     p = prompt_length_bucket(max(len(r) for r in chunk), length_buckets)
     padded = chunk + [chunk[0]] * (b - len(chunk))
-    prompt, prompt_mask = pad_batch(padded, bundle.pad_token_id, left=True, length=p)
+    prompt, prompt_mask = pad_rows(padded, p, bundle.pad_token_id, left=True)
     valid = np.arange(b) < len(chunk)
     prompt_index = np.repeat(np.pad(np.asarray(indices, np.int32), (0, b - len(chunk))), n)  # filler rows: 0
     sample_index = np.tile(np.arange(n, dtype=np.int32), b)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpost import sharding as sharding_lib
-from dpost.models.scoring import pad_batch
+from dpost.data.batching import pad_rows
 from dpost.sampling import forcing
 from dpost.sampling.sampler import Program, StaticOptions, emit_tokens, row_state, take_queue
 
@@ -159,7 +159,7 @@ def _refill_arrays(rows, take, slot, group: int, per_refill: int, width: int, pa
     prompt index and sample index."""
     prompts = list(dict.fromkeys(i for i, _ in take))
     padded = [rows[i] for i in prompts] + [rows[prompts[0]]] * (group - len(prompts))
-    prompt, prompt_mask = pad_batch(padded, pad_id, left=True, length=width)
+    prompt, prompt_mask = pad_rows(padded, width, pad_id, left=True)
 
     def per_row(values, filler):
         return np.asarray(list(values) + [filler] * (per_refill - len(take)), np.int32)

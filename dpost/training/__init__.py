@@ -15,18 +15,15 @@ from dpost.training.checkpoints import (
     Checkpointer,
     Preempted,
     PreemptionGuard,
-    check_tree_matches,
     restore_params,
 )
 from dpost.training.loop import (
-    ArrayIterator,
     LoopConfig,
     LoopResult,
     MetricLogger,
     count_tokens,
     evaluate_dpo,
     evaluate_sft,
-    pad_batch,
     put_batch,
     run,
     steps_for_epochs,
@@ -49,11 +46,11 @@ from dpost.training.steps import (
 )
 
 __all__ = [
-    "ArrayIterator", "CheckpointMismatchError", "Checkpointer", "DPOConfig", "DPO_METRICS", "LOSS_TYPES",
+    "CheckpointMismatchError", "Checkpointer", "DPOConfig", "DPO_METRICS", "LOSS_TYPES",
     "LoopConfig", "LoopResult", "MetricLogger", "OptimizerConfig", "Preempted", "PreemptionGuard", "Step",
-    "TrainState", "abstract_state", "check_tree_matches", "count_tokens", "create_train_state", "decay_mask",
+    "TrainState", "abstract_state", "count_tokens", "create_train_state", "decay_mask",
     "dpo_loss", "evaluate_dpo", "evaluate_sft", "make_dpo_eval_step", "make_dpo_step", "make_optimizer",
     "make_reference_fn", "make_schedule", "make_sft_eval_step", "make_sft_step", "masked_nll",
-    "pad_batch", "pair_token_logprobs", "put_batch", "reference_logps", "restore_params", "run", "sft_loss",
+    "pair_token_logprobs", "put_batch", "reference_logps", "restore_params", "run", "sft_loss",
     "sft_token_logprobs", "state_shardings", "steps_for_epochs", "warmup_steps",
 ]

@@ -32,20 +32,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dpost import distributed
+from dpost import distributed, faults
 from dpost import sharding as sharding_lib
+from dpost.data.batching import COMPLETION_KEYS, pad_to_lengths
 from dpost.training import checkpoints as ckpt_lib
 from dpost.training.state import TrainState
 
 log = logging.getLogger(__name__)
-
-# Test hooks (used by tests/training/test_resume.py): after step N, hard-kill the process
-# (os._exit, no cleanup, pending async saves are finished first so the kill lands between two
-# checkpoints deterministically) or send ourselves SIGTERM.
-KILL_ENV = "DPOST_TEST_KILL_AFTER_STEP"
-KILL_STAGE_ENV = "DPOST_TEST_KILL_STAGE"
-SIGTERM_ENV = "DPOST_TEST_SIGTERM_AFTER_STEP"
-
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -81,30 +74,6 @@ def steps_for_epochs(num_examples: int, batch_size: int, epochs: float, drop_rem
 # --------------------------------------------------------------------------------------------------
 # batches
 # --------------------------------------------------------------------------------------------------
-COMPLETION_KEYS = ("completion", "chosen", "rejected")
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], prompt_len: int | None = None, completion_len: int | None = None,
-              pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pads a batch to fixed lengths: prompts on the left, completions on the right."""
-    out = dict(batch)
-    if prompt_len is not None and "prompt" in batch:
-        extra = prompt_len - batch["prompt"].shape[1]
-        if extra < 0:
-            raise ValueError(f"prompt length {batch['prompt'].shape[1]} exceeds pad_to {prompt_len}")
-        out["prompt"] = np.pad(batch["prompt"], ((0, 0), (extra, 0)), constant_values=pad_id)
-        out["prompt_mask"] = np.pad(batch["prompt_mask"], ((0, 0), (extra, 0)))
-    if completion_len is not None:
-        for k in COMPLETION_KEYS:
-            if k in batch:
-                extra = completion_len - batch[k].shape[1]
-                if extra < 0:
-                    raise ValueError(f"{k} length {batch[k].shape[1]} exceeds pad_to {completion_len}")
-                out[k] = np.pad(batch[k], ((0, 0), (0, extra)), constant_values=pad_id)
-                out[k + "_mask"] = np.pad(batch[k + "_mask"], ((0, 0), (0, extra)))
-    return out
-
-
 def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     """Non-padding tokens the step processes (a pair batch runs the prompt twice)."""
     keys = [k for k in COMPLETION_KEYS if k + "_mask" in batch]
@@ -124,43 +93,6 @@ def put_batch(batch: Mapping[str, Any], mesh: Mesh | None = None, rules=None) ->
         sharding = sharding_lib.batch_sharding(mesh, v.ndim, rules)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
-
-
-class ArrayIterator:
-    """Batches of a dict of equal-length numpy arrays, reshuffled each epoch; checkpointable.
-
-    Minimal data source for tests and small runs (grain pipelines give the same interface).
-    """
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None):
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.n = len(next(iter(self.arrays.values())))
-        self.batch_size, self.seed, self.shuffle, self.num_epochs = batch_size, seed, shuffle, num_epochs
-        self.epoch, self.index = 0, 0
-
-    def __iter__(self):
-        return self
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index + self.batch_size > self.n:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        rows = self._order(self.epoch)[self.index: self.index + self.batch_size]
-        self.index += self.batch_size
-        return {k: v[rows] for k, v in self.arrays.items()}
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def set_state(self, state: Mapping) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,10 +194,7 @@ def run(
     start_step = int(jax.device_get(state.step))
     history: list[dict] = []
     eval_history: list[dict] = []
-    # Optional stage filter (driver tests crash one particular stage): DPOST_TEST_KILL_STAGE=iter_1/dpo
-    kill_stage = os.environ.get(KILL_STAGE_ENV)
-    kill_after = int(os.environ.get(KILL_ENV, "-1")) if kill_stage in (None, cfg.name) else -1
-    sigterm_after = int(os.environ.get(SIGTERM_ENV, "-1"))
+    injected = faults.for_stage(cfg.name)  # tests only
     meta = dict(meta or {}, stage=cfg.name, num_steps=cfg.num_steps)
 
     bar = None
@@ -301,7 +230,7 @@ def run(
                     log.warning("data exhausted after %d steps (planned %d)", step, cfg.num_steps)
                     break
                 if pad_to is not None:
-                    batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+                    batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
                 n_tokens = count_tokens(batch)
                 tokens_window += n_tokens
                 tokens_total += n_tokens
@@ -332,8 +261,7 @@ def run(
                     do_eval(step)
                 if ckpt is not None:
                     ckpt.save(state, data_state=position, meta=meta, step=step)
-                if step == sigterm_after:
-                    os.kill(os.getpid(), 15)
+                injected.after_step(step)
                 stop_requested = guard.should_stop(step) or stop_requested
                 if stop_vote.decided(stop_requested, last=step == cfg.num_steps):
                     if ckpt is not None:
@@ -341,10 +269,7 @@ def run(
                         ckpt.wait()
                         logger.write_line(f"[{cfg.name}] preempted: saved step {step}, exiting")
                     raise ckpt_lib.Preempted(step)
-                if step == kill_after:
-                    if ckpt is not None:
-                        ckpt.wait()
-                    os._exit(17)
+                injected.after_save(step, ckpt.wait if ckpt is not None else None)
             if pending:
                 for s, m in jax.device_get(pending):
                     history.append({"step": s, **{k: float(v) for k, v in m.items()}})
@@ -380,7 +305,7 @@ def evaluate_sft(eval_step, params, batches, *, mesh=None, rules=None, pad_to=No
     nll, tokens = 0.0, 0.0
     for batch in batches:
         if pad_to is not None:
-            batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+            batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
         out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
@@ -394,7 +319,7 @@ def evaluate_dpo(eval_step, params, batches, ref_params=None, *, mesh=None, rule
     sums: dict[str, float] = {}
     for batch in batches:
         if pad_to is not None:
-            batch = pad_batch(batch, pad_to[0], pad_to[1], pad_id)
+            batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
         out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules), ref_params))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)

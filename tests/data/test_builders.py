@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import data_dir
-from dpost import stages
 from dpost.data import builders, formatting, gsm8k
 from dpost.data.builders import Label, Pair, QuestionSamples, build_pairs, build_pseudo_labels, jaccard, token_set
 
@@ -68,21 +67,6 @@ def test_near_duplicate_threshold_is_strict():
     labels = build_pseudo_labels([q([s_dup, s_edge, s_far, "t u v w #### 1", "wrong #### 9"], gold_rationale=gold)],
                                  "llama", cap_percentile=100)
     assert [l.target for l in labels] == [gold, s_edge, s_far]
-
-
-def test_production_pooling_merges_rounds_by_question():
-    """stages.question_samples pools the sampled texts of several rounds per question, in round order."""
-    ex = [gsm8k.Example("Q1?", "g1 #### 1", 1.0, "q1"), gsm8k.Example("Q2?", "", 2.0, "q2")]
-    r1 = {"q1": [{"text": "A #### 1"}], "q2": [{"text": "B #### 2"}]}
-    r2 = {"q2": [{"text": "C #### 5"}], "q1": [{"text": "D #### 3"}, {"text": "E #### 1"}]}
-    pooled = stages.question_samples(ex, [r1, r2])
-    assert [(x.id, x.gold_rationale, x.samples) for x in pooled] == [
-        ("q1", "g1 #### 1", ["A #### 1", "D #### 3", "E #### 1"]), ("q2", "", ["B #### 2", "C #### 5"])]
-    assert stages.question_samples(ex, [])[0].samples == []
-    # Neither question has a negative in round 1 alone; pooled, q1 has gold + 2 correct vs 1 wrong.
-    assert build_pairs(stages.question_samples(ex, [r1]), "llama") == []
-    pairs = build_pairs(pooled, "llama")
-    assert [(p.id, p.rejected) for p in pairs] == [("q1", "D #### 3")] * 3 + [("q2", "C #### 5")]
 
 
 @pytest.mark.parametrize("counts,cap", [([1] * 10, 1), (list(range(1, 11)), 9), ([3, 3, 3], 3), ([], 1), ([1, 1, 1, 1, 1, 1, 1, 1, 1, 50], 5)])

@@ -10,7 +10,7 @@ import pytest
 
 from dpost.data import pipeline, synthetic
 from dpost.data.formatting import format_example, format_prompt
-from dpost.data.pipeline import bucket_length, collate, make_batch, make_loader
+from dpost.data.pipeline import collate, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,13 @@ def tok(splits, tmp_path_factory):
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.mark.parametrize("n,cap,expected", [(0, 200, 16), (1, 200, 16), (16, 200, 16), (17, 200, 32),
-                                            (64, 200, 64), (65, 200, 128), (129, 200, 200), (300, 256, 256)])
-def test_bucket_length(n, cap, expected):
-    assert bucket_length(n, cap) == expected
+def _batch(examples, tokenizer, family, keys=("completion",), batch_size=None):
+    """Tokenized and collated texts: prompts alone, or a prompt and one text per key."""
+    items = [pipeline.tokenize_item(tokenizer, family, *((ex,) if isinstance(ex, str) else ex), keys=keys)
+             for ex in examples]
+    pad = pipeline.special_ids(tokenizer)[2]
+    return collate(items, pad_id=pad, max_prompt_len=256, max_completion_len=384, batch_size=batch_size,
+                   keys=keys if isinstance(examples[0], tuple) else ())
 
 
 def _rows(ids, mask):
@@ -40,7 +43,7 @@ def _rows(ids, mask):
 
 def test_llama_batch(splits, tok):
     exs = [format_example("llama", e) for e in splits["dev"][:3]]
-    batch = make_batch(exs, tok, "llama", batch_size=4)
+    batch = _batch(exs, tok, "llama", batch_size=4)
     assert set(batch) == {"prompt", "prompt_mask", "completion", "completion_mask", "valid"}
     assert all(v.dtype == np.int32 for v in batch.values())
     b, p = batch["prompt"].shape
@@ -58,7 +61,7 @@ def test_llama_batch(splits, tok):
 
 def test_t5_batch(splits, tok):
     exs = [format_example("t5", e) for e in splits["dev"][:2]]
-    batch = make_batch(exs, tok, "t5")
+    batch = _batch(exs, tok, "t5")
     for (prompt, target), pr, co in zip(exs, _rows(batch["prompt"], batch["prompt_mask"]),
                                         _rows(batch["completion"], batch["completion_mask"])):
         assert pr[-1] == EOS and BOS not in pr and tok.decode(pr[:-1]) == prompt
@@ -67,10 +70,11 @@ def test_t5_batch(splits, tok):
 
 def test_prompt_only_and_pair_batches(splits, tok):
     prompts = [format_example("llama", e)[0] for e in splits["dev"][:2]]
-    batch = make_batch(prompts, tok, "llama")
+    batch = _batch(prompts, tok, "llama")
     assert set(batch) == {"prompt", "prompt_mask", "valid"}
     assert _rows(batch["prompt"], batch["prompt_mask"])[0] == pipeline.encode_prompt(tok, "llama", prompts[0])
-    pairs = make_batch([(prompts[0], "a #### 1", "a much longer rejected answer #### 2")], tok, "llama")
+    pairs = _batch([(prompts[0], "a #### 1", "a much longer rejected answer #### 2")], tok, "llama",
+                   keys=("chosen", "rejected"))
     assert set(pairs) == {"prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask", "valid"}
     assert pairs["chosen"].shape == pairs["rejected"].shape  # one completion length for both
     assert tok.decode(_rows(pairs["rejected"], pairs["rejected_mask"])[0][:-1]) == "a much longer rejected answer #### 2"
@@ -103,16 +107,12 @@ def test_llama_joint_tokenization_moves_merged_token():
     item = pipeline.tokenize_item(t, "llama", "xa", "bc", "zz", keys=("chosen", "rejected"))
     assert item["prompt"].tolist() == [1, ord("x"), ord("a")]
     assert item["chosen"].tolist() == [ord("b"), ord("c"), 2] and item["rejected"].tolist() == [ord("z")] * 2 + [2]
-    batch = make_batch([("xa", "bc")], t, "llama")  # no pad token: pads with 0
+    batch = _batch([("xa", "bc")], t, "llama")  # no pad token: pads with 0
     assert (batch["prompt"][batch["prompt_mask"] == 0] == 0).all()
 
 
 def test_length_limits(splits, tok):
     long_prompt = " ".join(["word"] * 300)
-    with pytest.raises(ValueError, match="longer than"):
-        make_batch([(long_prompt, "x")], tok, "llama")
-    batch = make_batch([(long_prompt, "x")], tok, "llama", truncate=True)
-    assert batch["prompt"].shape[1] == 256 and batch["prompt_mask"].sum() == 256  # the prompt's last 256 tokens
     exs = [format_example("t5", e) for e in splits["dev"][:5]] + [(long_prompt, "x"), ("q", long_prompt)]
     tokenized = pipeline.tokenize_examples(exs, tok, "t5", max_prompt_len=200, max_completion_len=300)
     assert tokenized.num_filtered == 2 and len(tokenized.items) == 5
@@ -178,6 +178,35 @@ def test_eval_loader_keeps_everything_in_lockstep():
     # a shard of filler rows only still yields a well-formed batch
     (only,) = list(_loader(_items(1), num_epochs=1, shuffle=False, drop_remainder=False, shard_index=1, shard_count=2))
     assert only["valid"].tolist() == [0, 0, 0, 0] and set(only) >= {"completion", "completion_mask"}
+
+
+def _array_batches(n_rows, batch_size, steps, **kw):
+    arrays = {"row": np.arange(n_rows), "twice": np.arange(n_rows)[:, None] * np.array([[2, 2]])}
+    it = pipeline.make_array_loader(arrays, batch_size=batch_size, **kw)
+    return it, [next(it) for _ in range(steps)]
+
+
+def test_array_loader_takes_whole_batches_of_each_epochs_permutation():
+    _, batches = _array_batches(10, 4, 5, seed=5, shard_index=0, shard_count=1)
+    # 10 rows, batches of 4: two batches per epoch, the last 2 rows of each epoch's order skipped
+    orders = [np.random.default_rng([5, epoch]).permutation(10) for epoch in range(3)]
+    want = [orders[0][:4], orders[0][4:8], orders[1][:4], orders[1][4:8], orders[2][:4]]
+    assert [b["row"].tolist() for b in batches] == [w.tolist() for w in want]
+    assert all((b["twice"] == 2 * b["row"][:, None]).all() for b in batches)  # rows stay whole
+
+
+def test_array_loader_hosts_split_each_global_batch_and_resume():
+    _, single = _array_batches(12, 4, 6, seed=1, shard_index=0, shard_count=1)
+    hosts = [_array_batches(12, 2, 6, seed=1, shard_index=i, shard_count=2)[1] for i in range(2)]
+    assert [np.concatenate([h0["row"], h1["row"]]).tolist() for h0, h1 in zip(*hosts)] == \
+        [b["row"].tolist() for b in single]
+    it, _ = _array_batches(12, 4, 4, seed=1, shard_index=0, shard_count=1)
+    state = it.get_state()
+    resumed, _ = _array_batches(12, 4, 0, seed=1, shard_index=0, shard_count=1)
+    resumed.set_state(state)
+    assert [next(resumed)["row"].tolist() for _ in range(2)] == [b["row"].tolist() for b in single[4:6]]
+    with pytest.raises(ValueError, match="3 rows do not fill one batch of 4"):
+        pipeline.make_array_loader({"row": np.arange(3)}, batch_size=4, shard_index=0, shard_count=1)
 
 
 def test_collate_rejects_too_many_items():

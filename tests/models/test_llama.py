@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from dpost import models
+from dpost.data import batching
 from dpost.models import layers
 from tests.conftest import data_dir, smollm2_path
 
@@ -73,7 +74,7 @@ def test_logits_and_logprobs_match_transformers(name, tmp_path):
 def test_kv_cache_decode_matches_full_forward(tmp_path):
     hf = tiny_hf_llama("gqa3_untied_odd")
     bundle = models.load("hf:" + save_hf(hf, tmp_path))
-    prompt, mask = models.scoring.pad_batch([[5, 6, 7], [1, 2, 3, 4, 5]], 0, left=True)
+    prompt, mask = batching.pad_rows([[5, 6, 7], [1, 2, 3, 4, 5]], 8, 0, left=True)
     logits, state = bundle.module.apply({"params": bundle.params}, prompt, mask, 4, 2, method="prefill")
     np.testing.assert_allclose(np.asarray(logits[0]), torch_logits(hf, [[5, 6, 7]])[0, -1], atol=1e-4)
     np.testing.assert_allclose(np.asarray(logits[2]), torch_logits(hf, [[1, 2, 3, 4, 5]])[0, -1], atol=1e-4)

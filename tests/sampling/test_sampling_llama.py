@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dpost import models, sampling
-from dpost.models.scoring import completion_token_logprobs, pad_batch
+from dpost.data.batching import pad_rows
+from dpost.models.scoring import completion_token_logprobs
 from dpost.sampling import sampler as sampler_lib
 from sampling_toys import random_prompts, tiny_hf_llama
 
@@ -69,8 +70,8 @@ def hf_greedy(hf, prompts, max_new_tokens, eos=EOS, pad=0):
 
 
 def per_token_logprobs(bundle, prompts, completions):
-    prompt, prompt_mask = pad_batch(prompts, bundle.pad_token_id, left=True)
-    completion, completion_mask = pad_batch(completions, bundle.pad_token_id, left=False)
+    prompt, prompt_mask = pad_rows(prompts, max(map(len, prompts)), bundle.pad_token_id, left=True)
+    completion, completion_mask = pad_rows(completions, max(map(len, completions)), bundle.pad_token_id, left=False)
     fn = jax.jit(functools.partial(completion_token_logprobs, bundle.module))
     return np.asarray(fn(bundle.params, prompt, prompt_mask, completion, completion_mask))
 

@@ -1,10 +1,10 @@
-"""Child process of test_training_checkpoints.py: one small DPO stage through `training.run`.
+"""Child process of test_checkpoints.py: one small DPO stage through `training.run`.
 
     python resume_run.py CKPT_DIR OUT_NPZ [WORKDIR]
 
 AdamW with warm-up + cosine, grad accumulation 2, reference in the step, data from a checkpointable
-ArrayIterator that crosses an epoch boundary. Saves every 2 steps. The test hooks
-DPOST_TEST_KILL_AFTER_STEP / DPOST_TEST_SIGTERM_AFTER_STEP (see dpost/training/loop.py) interrupt
+grain loader (`pipeline.make_array_loader`) that crosses an epoch boundary. Saves every 2 steps. The test hooks
+DPOST_TEST_KILL_AFTER_STEP / DPOST_TEST_SIGTERM_AFTER_STEP (see dpost/faults.py) interrupt
 it; a rerun with the same CKPT_DIR resumes. Writes the final params to OUT_NPZ and prints a JSON
 line {"resumed_from", "final_step", "steps"}.
 """
@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import training_helpers as th  # noqa: E402
 
 from dpost import training  # noqa: E402
+from dpost.data import pipeline  # noqa: E402
 from dpost.models.llama import model as lm  # noqa: E402
 from dpost.models.llama.model import LlamaConfig  # noqa: E402
 
@@ -41,8 +42,8 @@ def main(ckpt_dir: str, out: str, workdir: str | None = None):
     tx = training.make_optimizer(ocfg)
     step = training.make_dpo_step(module, tx, training.DPOConfig(), lr_schedule=training.make_schedule(ocfg),
                                   grad_accum=2)
-    data = training.ArrayIterator(th.pair_dataset(3, 16, prompt_len=8, chosen_len=8, rejected_len=8),
-                                  batch_size=4, seed=5)
+    data = pipeline.make_array_loader(th.pair_dataset(3, 16, prompt_len=8, chosen_len=8, rejected_len=8),
+                                      batch_size=4, seed=5)
     state = training.create_train_state(params, tx, rng=7)
     ref = jax.device_put(ref_params)
     result = training.run(

@@ -51,7 +51,7 @@ def test_sft_step_dropout(family):
         return float(metrics["loss"]), state
 
     plain, plain_state = run(0.0)
-    # the eval step's mean token NLL (itself checked against transformers in test_training_steps)
+    # the eval step's mean token NLL (itself checked against transformers in test_steps)
     sums = training.make_sft_eval_step(module)(params, batch)
     np.testing.assert_allclose(plain, float(sums["nll_sum"] / sums["tokens"]), rtol=1e-6)
     dropped, state = run(RATE)

@@ -89,7 +89,26 @@ def export_to_torch_names(family: str, cfg, params) -> dict[str, np.ndarray]:
 
 
 def tiny_llama(seed: int = 0, **overrides):
+    """The tiny transformers Llama imported (parity tests against it need torch)."""
     return import_hf("llama", hf_llama(seed, **overrides))
+
+
+def init_model(family: str, seed: int = 0, **overrides):
+    """(module, config, params, boxed abstract params) of a tiny model of LLAMA_HF's / T5_HF's shape
+    initialised by dpost alone (no torch: for invariance tests), norms scaled randomly around 1 so
+    that their gradients matter."""
+    m, p = family_modules(family)
+    cfg = p.config_from_hf(dict(LLAMA_HF if family == "llama" else T5_HF, **overrides))
+    boxed = jax.eval_shape(lambda: m.init_params(cfg, jax.random.key(0)))
+    params = nn.unbox(m.init_params(cfg, jax.random.key(seed)))
+    rng = np.random.default_rng(seed)
+
+    def norms_around_one(path, x):
+        if "norm" not in jax.tree_util.keystr(path):
+            return x
+        return jax.numpy.asarray(1.0 + 0.2 * rng.standard_normal(x.shape), x.dtype)
+
+    return m.make_module(cfg), cfg, jax.tree_util.tree_map_with_path(norms_around_one, params), boxed
 
 
 def random_rows(rng, n: int, length: int, vocab: int, min_len: int = 1, left: bool = False, lens=None):
@@ -121,7 +140,7 @@ def pair_batch(seed: int, batch: int = 4, prompt_len: int = 8, chosen_len: int =
 
 
 def pair_dataset(seed: int, n: int, **kw):
-    """A dict of arrays with n pairs (for ArrayIterator)."""
+    """A dict of arrays with n pairs (for `pipeline.make_array_loader`)."""
     return pair_batch(seed, batch=n, **kw)
 
 
@@ -161,8 +180,7 @@ import tempfile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-KILL_ENV = "DPOST_TEST_KILL_AFTER_STEP"  # dpost.training.loop.KILL_ENV (not imported: no jax here)
-SIGTERM_ENV = "DPOST_TEST_SIGTERM_AFTER_STEP"
+from dpost.faults import KILL_AFTER_STEP as KILL_ENV, SIGTERM_AFTER_STEP as SIGTERM_ENV  # noqa: E402
 
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 _JOBS: dict[str, concurrent.futures.Future] = {}

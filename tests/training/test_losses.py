@@ -12,6 +12,7 @@ import pytest
 
 from dpost import training
 from dpost.training import losses
+from tests.conftest import reference
 
 
 def _logsig(x):
@@ -56,7 +57,7 @@ def test_dpo_loss_matches_trl_formulas(loss_type, beta, eps):
 
 def test_dpo_loss_matches_trl_torch_sigmoid():
     """The paper's loss, written with torch exactly as TRL does (F.logsigmoid)."""
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     F = torch.nn.functional
     rng = np.random.default_rng(1)
     pc, pr, rc, rr = (rng.normal(-40, 15, 32) for _ in range(4))
@@ -92,7 +93,7 @@ def test_sft_loss_is_a_token_mean_not_a_mean_of_row_means():
 
 @pytest.mark.parametrize("total,warmup_ratio,min_lr_rate", [(100, 0.1, 0.1), (37, 0.1, 0.0), (10, 0.0, 0.5)])
 def test_schedule_matches_transformers(total, warmup_ratio, min_lr_rate):
-    pytest.importorskip("torch")
+    reference("torch")
     from transformers.optimization import _get_cosine_schedule_with_warmup_lr_lambda
 
     cfg = training.OptimizerConfig(learning_rate=3e-4, total_steps=total, warmup_ratio=warmup_ratio,
@@ -117,7 +118,7 @@ def test_weight_decay_mask_skips_norms_and_biases():
 
 def test_adamw_matches_torch_adamw():
     """One AdamW update with decay masked like transformers' Trainer, clipping and the schedule."""
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     rng = np.random.default_rng(0)
     w0, s0 = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
     grads = [(rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)) for _ in range(3)]

@@ -1,5 +1,6 @@
-"""SFT and DPO steps against transformers/PyTorch on the same weights, and step invariances:
-reference paths, gradient accumulation, remat, bf16 compute, one compiled program."""
+"""SFT and DPO steps against transformers/PyTorch on the same weights, and step invariances
+(reference paths, gradient accumulation, remat, bf16 compute, one compiled program) on models
+dpost initialises itself, which need no torch."""
 
 from __future__ import annotations
 
@@ -12,25 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 sys.path.insert(0, os.path.dirname(__file__))
 import training_helpers as th  # noqa: E402
 
 from dpost import training  # noqa: E402
+from tests.conftest import reference  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
-
-def require_t5():
-    try:
-        import dpost.models.t5.model  # noqa: F401
-        import dpost.models.t5.params  # noqa: F401
-    except ImportError as err:
-        if IN_CI:
-            pytest.fail(f"T5 family missing under CI: {err}")
-        pytest.skip(f"T5 family not available: {err}")
+def torch_reference():
+    """torch, for the parity tests (transformers' models are built with it)."""
+    reference("transformers")
+    return reference("torch")
 
 
 def sgd(lr=1.0):
@@ -44,6 +37,7 @@ def sgd(lr=1.0):
 # ------------------------------------------------------------------------------------------------
 def torch_token_logps(family, model, prompt, prompt_mask, completion, completion_mask):
     """[B, C] log-probs of completion tokens (0 at padding), transformers model, fp32."""
+    torch = torch_reference()
     prompt, prompt_mask = torch.from_numpy(prompt).long(), torch.from_numpy(prompt_mask).long()
     completion, completion_mask = torch.from_numpy(completion).long(), torch.from_numpy(completion_mask).long()
     if family == "llama":
@@ -61,9 +55,9 @@ def torch_token_logps(family, model, prompt, prompt_mask, completion, completion
 
 
 def hf_model(family, **kw):
+    torch_reference()
     if family == "llama":
         return th.hf_llama(0, **kw)
-    require_t5()
     return th.hf_t5(0)
 
 
@@ -76,6 +70,7 @@ def vocab_of(model):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("t5", False)])
 def test_sft_loss_matches_transformers(family, tied):
+    torch = torch_reference()
     model = hf_model(family, **({"tie_word_embeddings": True} if tied else {}))
     module, cfg, params, _ = th.import_hf(family, model)
     batch = th.sft_batch(3, batch=4, vocab=vocab_of(model))
@@ -106,6 +101,7 @@ def test_sft_loss_matches_transformers(family, tied):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_dpo_step_matches_pytorch(family):
+    torch = torch_reference()
     model = hf_model(family)
     module, cfg, params, _ = th.import_hf(family, model)
     batch = th.pair_batch(5, batch=4, vocab=vocab_of(model))
@@ -163,7 +159,7 @@ def test_dpo_step_matches_pytorch(family):
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def llama():
-    return th.tiny_llama(0)
+    return th.init_model("llama", 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,11 +206,10 @@ def test_dpo_stage_scores_only_the_missing_reference_sides():
     earlier rounds), side by side: each (pair, side) gets transformers' summed completion log-prob."""
     import types
 
-    import torch
-
     from dpost import stages
 
-    module, _, params, _ = llama()
+    torch = torch_reference()
+    module, _, params, _ = th.tiny_llama(0)
     batch = th.pair_batch(11, batch=5, chosen_len=12, rejected_len=12)  # one width, as the stage pads them
     wanted = [(0, "chosen"), (3, "chosen"), (1, "rejected"), (4, "rejected"), (3, "rejected")]
     bundle = types.SimpleNamespace(module=module, params=params)
@@ -278,11 +273,9 @@ def test_bf16_params_cast_up_front_as_accurate_as_per_matmul_casts(family, monke
     from dpost.models import layers
     from dpost.training import steps
 
-    if family == "t5":
-        require_t5()
     m, _ = th.family_modules(family)
-    _, cfg, params, _ = th.import_hf(family, hf_model(family))
-    batch = th.sft_batch(21, batch=4, vocab=vocab_of(hf_model(family)))
+    _, cfg, params, _ = th.init_model(family, 0)
+    batch = th.sft_batch(21, batch=4, vocab=cfg.vocab_size)
     module16 = m.make_module(cfg.replace(dtype="bfloat16"))
 
     for path, x in jax.tree_util.tree_leaves_with_path(layers.compute_params(module16, params)):
@@ -384,7 +377,7 @@ def test_chunked_head_gradient_equals_autodiff_of_the_whole_head(tied):
     d hidden, for chunk sizes that do and do not divide the length."""
     from dpost.models import scoring
 
-    module, cfg, params, _ = th.tiny_llama(3, tie_word_embeddings=tied)
+    module, cfg, params, _ = th.init_model("llama", 3, tie_word_embeddings=tied)
     rng = np.random.default_rng(5)
     hidden = jnp.asarray(rng.normal(size=(3, 13, cfg.hidden_size)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 13)), jnp.int32)
@@ -410,7 +403,7 @@ def test_chunked_head_gradient_in_bf16_compute_matches_the_whole_head():
     chunked and whole-head gradients agree to bf16 rounding (relative norm error < 1e-2)."""
     from dpost.models import get_family, scoring
 
-    _, cfg, params, _ = th.tiny_llama(4, tie_word_embeddings=True)
+    _, cfg, params, _ = th.init_model("llama", 4, tie_word_embeddings=True)
     module = get_family("llama").make_module(cfg.replace(dtype="bfloat16"))
     rng = np.random.default_rng(6)
     hidden = jnp.asarray(rng.normal(size=(2, 10, cfg.hidden_size)), jnp.bfloat16)
@@ -441,8 +434,7 @@ def test_scoring_with_a_chunked_head_equals_the_whole_head():
     for chunk in (4, 11, 64):
         np.testing.assert_allclose(np.asarray(scoring._sequence_logprobs(module, params, *args, chunk)), whole,
                                    rtol=1e-5)
-    require_t5()
-    t5_module, _, t5_params, _ = th.import_hf("t5", th.hf_t5(0))
+    t5_module, _, t5_params, _ = th.init_model("t5", 0)
     t5_whole = scoring._sequence_logprobs(t5_module, t5_params, *args, None)
     np.testing.assert_array_equal(np.asarray(scoring._sequence_logprobs(t5_module, t5_params, *args, 4)),
                                   np.asarray(t5_whole))
