@@ -156,6 +156,14 @@ def params_to_host_local(params: Any, local_shardings: Any) -> Any:
         staged, local_shardings)
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have reached the barrier of the same name."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # -- per-host rows of global batches ---------------------------------------------------------------
 
 def host_rows(batch: dict) -> dict:
