@@ -168,10 +168,10 @@ def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle) -> dic
         results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, mesh=r.mesh, rules=r.rules,
                                                   out_dir=stage.path, seed=r.seed(iteration, Salt.EVAL))
         log.info("%s: %s", name, json.dumps(results))
-        return results, dict(model=name, eval=results)
+        return None, dict(model=name, eval=results)  # the results live in the manifest
 
-    results, _ = stage.cached(run_evaluation, load=lambda done: done.manifest()["eval"])
-    return results
+    _, manifest = stage.cached(run_evaluation, load=lambda done: None)
+    return manifest["eval"]
 
 
 def write_results(r: Run, entries: list[dict]) -> dict:
