@@ -11,27 +11,52 @@
         evaluate SFT_k (and DPO_k)
 
 `method=st` drops the DPO step (pseudo-labels come from SFT_{k-1}); `method=sft` stops after the
-warm-up. Each stage is one call into `dpost.stages` writing WORKDIR/iter_<k>/<stage>/; finished
-stages are skipped on rerun, unfinished ones resume (see `dpost.workdir`).
+warm-up. Each stage is one call into `dpost.stages`, run through `StageDir.cached` in
+WORKDIR/iter_<k>/<stage>/: a finished stage's result is read back, any other runs (or resumes).
+Each returns (result, manifest); `dpost.reports` turns the manifests into results.json's entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
-from typing import Any
+import logging
+from typing import Any, NamedTuple
 
 import jax
-import logging
-from etils import epath
 
-from dpost import config_check, evaluation, models, plan, pretrain, reports, sharding, stages
+from dpost import base_model, config_check, evaluation, plan, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
-from dpost.workdir import RunDir, StageDir, absolute
+from dpost.workdir import RunDir, StageDir
 
 log = logging.getLogger(__name__)
+
+
+class Salt(enum.IntEnum):
+    """A stage's seed is `stages.stage_seed(config.seed, iteration, salt)`. The values are part of
+    every run's results: changing one changes them."""
+
+    SFT = 1
+    DPO = 2
+    SAMPLE_PAIRS = 3
+    SAMPLE_LABELS = 4
+    EVAL = 5
+
+
+class Sampling(NamedTuple):
+    """One of an iteration's two sampling stages."""
+
+    stage: str  # its folder: iter_<k>/<stage>
+    config_field: str  # its settings: config.sampling.<config_field>
+    salt: Salt
+
+
+PAIR_SAMPLING = Sampling("sample_pairs", "pairs", Salt.SAMPLE_PAIRS)
+LABEL_SAMPLING = Sampling("sample_labels", "labels", Salt.SAMPLE_LABELS)
+
 
 @dataclasses.dataclass
 class Run:
@@ -55,149 +80,109 @@ class Run:
     def load(self, stage: StageDir) -> ModelBundle:
         return stages.load_stage_model(stage, self.mesh, self.rules, self.config.model.dtype)
 
-    def seed(self, iteration: int, salt: int) -> int:
+    def seed(self, iteration: int, salt: Salt) -> int:
         return stages.stage_seed(self.config.seed, iteration, salt)
 
 
 # -- the loop --------------------------------------------------------------------------------------
 
 def run(config, workdir: str, config_path: str = "") -> dict:
+    """Runs (or resumes) `config.method` in `workdir`; returns results.json's document, the same on
+    every process (process 0 writes it, with report.md and accuracy.png)."""
     config_check.check(config)  # also for callers of the API; python -m dpost.main checked it already
     r = setup(config, workdir, config_path)
-    entries = []
-
-    sft_model, entry = train_sft(r, iteration=0, examples=_gold(r))  # warm-up: SFT_0
-    entries.append(entry)
-    pair_rounds, label_rounds = [], []
+    sft, trained = train_sft(r, 0, stages.gold_labels(r.task.train, r.family))  # warm-up: SFT_0
+    entries = [reports.sft_entry(0, trained, evaluate(r, 0, "sft", sft))]
+    pair_rounds, label_rounds = [], []  # each round's samples per question, pooled by the builders
     iterations = 0 if config.method == "sft" else config.iterations
     for k in range(1, iterations + 1):
         if config.method == "dpo_st":
-            samples, sample_manifest = sample(r, sft_model, k, "sample_pairs", config.sampling.pairs)
+            samples, sampled = sample(r, k, PAIR_SAMPLING, sft)
             pair_rounds.append(samples)
-            pairs, pairs_manifest = preference_pairs(r, k, pair_rounds)
-            labeler, entry = train_dpo(r, k, sft_model, pairs, [sample_manifest, pairs_manifest])
-            entry["sampled"] = sampled(sample_manifest, f"sft_{k - 1}")
-            entries.append(entry)
-            labeler_name = f"dpo_{k}"
-        else:  # st: plain self-training labels with the previous SFT model
-            labeler, labeler_name = sft_model, f"sft_{k - 1}"
-        samples, labels_sample_manifest = sample(r, labeler, k, "sample_labels", config.sampling.labels)
+            pairs, built = preference_pairs(r, k, pair_rounds)
+            dpo, trained = train_dpo(r, k, sft, pairs)
+            dpo_eval = evaluate(r, k, "dpo", dpo) if config.eval.every_stage else {}
+            entries.append(reports.dpo_entry(k, trained, dpo_eval, samples=sampled, pairs=built))
+            labeler, labeler_name = dpo, reports.model_name("dpo", k)
+        else:  # st: plain self-training, pseudo-labels sampled from the previous SFT model
+            labeler, labeler_name = sft, reports.model_name("sft", k - 1)
+        samples, sampled = sample(r, k, LABEL_SAMPLING, labeler)
         label_rounds.append(samples)
-        labels, labels_manifest = pseudo_labels(r, k, label_rounds)
-        sft_model, entry = train_sft(r, k, labels, [labels_sample_manifest, labels_manifest])
-        entry["sampled"] = sampled(labels_sample_manifest, labeler_name)
-        entry["pseudo_labels"], entry["beyond_gold"] = labels_manifest["pseudo_labels"], labels_manifest["beyond_gold"]
-        entries.append(entry)
+        labels, built = pseudo_labels(r, k, label_rounds)
+        sft, trained = train_sft(r, k, labels)
+        entries.append(reports.sft_entry(k, trained, evaluate(r, k, "sft", sft), samples=sampled,
+                                         sampled_by=labeler_name, labels=built))
+    return write_results(r, entries)
 
-    # Every process builds the same document; process 0 writes it.
-    results = reports.results_document(config_path, config.method, config.seed, entries, pretrain=r.pretrain)
+
+# -- stages: each returns (its result, its manifest) -----------------------------------------------
+
+def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]]) -> tuple[ModelBundle, dict]:
+    stage = r.stage(iteration, "sft")
+    return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, Salt.SFT),
+                                                 mesh=r.mesh, rules=r.rules), load=r.load)
+
+
+def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict]) -> tuple[ModelBundle, dict]:
+    stage = r.stage(iteration, "dpo")
+    return stage.cached(lambda: stages.dpo_stage(policy, pairs, r.config, stage, seed=r.seed(iteration, Salt.DPO),
+                                                 mesh=r.mesh, rules=r.rules), load=r.load)
+
+
+def sample(r: Run, iteration: int, sampling: Sampling, model: ModelBundle) -> tuple[dict[str, list[dict]], dict]:
+    """`model`'s samples per training question id, and the stage's manifest (pass rates)."""
+    stage = r.stage(iteration, sampling.stage)
+    scfg = r.config.sampling[sampling.config_field]
+    return stage.cached(lambda: stages.sample_stage(model, r.task.train, scfg, stage,
+                                                    seed=r.seed(iteration, sampling.salt), mesh=r.mesh,
+                                                    rules=r.rules, progress=r.config.progress),
+                        load=stages.read_samples)
+
+
+def preference_pairs(r: Run, iteration: int, rounds: list[dict]) -> tuple[list[dict], dict]:
+    stage = r.stage(iteration, "pairs")
+    pairs, manifest = stage.cached(lambda: stages.pairs_stage(r.task.train, rounds, rounds[-1], r.family, r.config,
+                                                              stage, r.base.tokenizer), load=stages.read_pairs)
+    if not pairs:
+        raise ValueError(
+            f"iteration {iteration}: no preference pairs (no training question has an incorrect sample "
+            f"among {manifest['questions']}); DPO would train on nothing. Raise sampling temperature or use method=st."
+        )
+    return pairs, manifest
+
+
+def pseudo_labels(r: Run, iteration: int, rounds: list[dict]) -> tuple[list[tuple[str, str]], dict]:
+    """The pseudo-labels as SFT examples (prompt text, target text), and the stage's manifest."""
+    stage = r.stage(iteration, "pseudo_labels")
+    rows, manifest = stage.cached(lambda: stages.labels_stage(r.task.train, rounds, r.family, r.config, stage,
+                                                              r.base.tokenizer), load=stages.read_labels)
+    return [(formatting.format_prompt(r.family, row["question"]), row["target"]) for row in rows], manifest
+
+
+def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle) -> dict:
+    """The evaluation of the model that stage `trained_by` ("sft" | "dpo") made in `iteration`."""
+    name = reports.model_name(trained_by, iteration)
+    stage = r.stage(iteration, f"eval_{trained_by}")
+
+    def run_evaluation():
+        results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, mesh=r.mesh, rules=r.rules,
+                                                  out_dir=stage.path, seed=r.seed(iteration, Salt.EVAL))
+        log.info("%s: %s", name, json.dumps(results))
+        return None, dict(model=name, eval=results)  # the results live in the manifest
+
+    _, manifest = stage.cached(run_evaluation, load=lambda done: None)
+    return manifest["eval"]
+
+
+def write_results(r: Run, entries: list[dict]) -> dict:
+    # Every process builds the same document (from manifests read back from the workdir); process 0 writes it.
+    results = reports.results_document(r.rundir.config_path, r.config.method, r.config.seed, entries,
+                                       pretrain=r.pretrain)
     if jax.process_index() == 0:
         reports.write_json(r.rundir.root / "results.json", results)
         split = "test" if "test" in r.task.eval_sets else next(iter(r.task.eval_sets), "test")
         reports.write_run_reports(r.rundir.root, results, split)
     return results
-
-
-# -- stages ----------------------------------------------------------------------------------------
-
-def train_sft(r: Run, iteration: int, examples, inputs: list[dict] | None = None):
-    stage = r.stage(iteration, "sft")
-    if stage.done():
-        model = r.load(stage)
-        manifest = stage.manifest()
-    else:
-        model, manifest = stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, 1),
-                                           mesh=r.mesh, rules=r.rules)
-    entry = _entry(iteration, "sft", f"sft_{iteration}", [manifest] + (inputs or []))
-    entry["eval"] = evaluate_stage(r, iteration, f"sft_{iteration}", model)
-    return model, entry
-
-
-def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict], inputs: list[dict]):
-    stage = r.stage(iteration, "dpo")
-    if stage.done():
-        model, manifest = r.load(stage), stage.manifest()
-    else:
-        model, manifest = stages.dpo_stage(policy, pairs, r.config, stage, seed=r.seed(iteration, 2),
-                                           mesh=r.mesh, rules=r.rules)
-    entry = _entry(iteration, "dpo", f"dpo_{iteration}", [manifest] + inputs)
-    entry["pairs"] = manifest["pairs"]
-    entry["dpo_eval"] = manifest.get("eval", {})
-    entry["eval"] = evaluate_stage(r, iteration, f"dpo_{iteration}", model) if r.config.eval.every_stage else {}
-    return model, entry
-
-
-def sample(r: Run, model: ModelBundle, iteration: int, name: str, scfg):
-    stage = r.stage(iteration, name)
-    if stage.done():
-        manifest = stage.manifest()
-    else:  # (its return value: on other hosts than 0 the manifest file may not be written yet)
-        manifest = stages.sample_stage(model, r.task.train, scfg, stage,
-                                       seed=r.seed(iteration, 3 if name == "sample_pairs" else 4),
-                                       mesh=r.mesh, rules=r.rules, progress=r.config.progress)
-    return stages.read_samples(stage), manifest
-
-
-def preference_pairs(r: Run, iteration: int, rounds):
-    stage = r.stage(iteration, "pairs")
-    if not stage.done():
-        manifest = stages.pairs_stage(r.task.train, rounds, rounds[-1], r.family, r.config, stage, r.base.tokenizer)
-        if manifest["pairs"] == 0:
-            raise ValueError(
-                f"iteration {iteration}: no preference pairs (no training question has an incorrect sample "
-                f"among {manifest['questions']}); DPO would train on nothing. Raise sampling temperature or use method=st."
-            )
-    stages.barrier(f"pairs {iteration}")
-    return stages.read_jsonl(stage.path / "pairs.jsonl"), stage.manifest()
-
-
-def pseudo_labels(r: Run, iteration: int, rounds):
-    stage = r.stage(iteration, "pseudo_labels")
-    if not stage.done():
-        stages.labels_stage(r.task.train, rounds, r.family, r.config, stage, r.base.tokenizer)
-    stages.barrier(f"labels {iteration}")
-    rows = stages.read_jsonl(stage.path / "labels.jsonl")
-    examples = [(formatting.format_prompt(r.family, row["question"]), row["target"]) for row in rows]
-    return examples, stage.manifest()
-
-
-def evaluate_stage(r: Run, iteration: int, model_name: str, model: ModelBundle) -> dict:
-    stage = r.stage(iteration, f"eval_{model_name.split('_')[0]}")
-    if stage.done():
-        return stage.manifest()["eval"]
-    stage.start()
-    cfg = r.config
-    # Multi-host: every host evaluates on its own devices (outputs of the global mesh are not
-    # fetchable by one host); the results are the same on every host, process 0 writes them.
-    mesh = stages.sampling_mesh(r.mesh)
-    model = stages.bundle_on(model, mesh, r.rules)
-    results = evaluation.evaluate(
-        model, r.task.eval_sets, cfg.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
-        progress=cfg.progress, out_dir=stage.path, pass_at_k=cfg.eval.pass_at_k,
-        pass_at_k_temperature=cfg.eval.pass_at_k_temperature, seed=r.seed(iteration, 5),
-    )
-    stage.finish(model=model_name, eval=results)
-    log.info("%s: %s", model_name, json.dumps(results))
-    return results
-
-
-def sampled(manifest: dict, model: str) -> dict:
-    """What a sampling stage says of its model's samples on the training questions (pass@1,
-    pass@n, questions with a correct sample): the paper's mechanism is DPO raising these."""
-    keys = ("num_samples", "questions", "pass_at_1", "pass_at_n", "questions_with_correct")
-    return dict(model=model, **{k: manifest[k] for k in keys if k in manifest})
-
-
-def _entry(iteration: int, stage: str, model: str, manifests: list[dict]) -> dict:
-    return {
-        "iteration": iteration, "stage": stage, "model": model,
-        "seconds": round(sum(m.get("seconds", 0.0) for m in manifests if m), 3),
-        "flops": float(sum(m.get("flops", 0.0) for m in manifests if m)),
-    }
-
-
-def _gold(r: Run):
-    return stages.gold_labels(r.task.train, r.family)
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -210,60 +195,8 @@ def setup(config, workdir: str, config_path: str) -> Run:
     memory_plan = plan.plan(config, dict(mesh.shape), None)
     plan.check_fits(memory_plan)  # refuse, with the numbers, a run that cannot fit in device memory
     task = load_task(config, workdir)
-    base, pretrain_info = load_base_model(config, task, mesh, rules)
+    base, pretrain_info = base_model.load(config, task, mesh, rules)
     log.info("run %s: %s, %d train questions (%d labeled), eval sets %s, mesh %s", workdir, base.source,
              len(task.train), sum(1 for ex in task.train if ex.answer),
              {k: len(v) for k, v in task.eval_sets.items()}, dict(mesh.shape))
     return Run(config, rundir, task, base, mesh, rules, pretrain_info)
-
-
-def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
-    """M0 and, for source=pretrain, its pre-training record: a pre-trained checkpoint, the
-    synthetic pre-training (cached), or (source=scratch) a random init with the task's tokenizer."""
-    source = config.model.source
-    if source == "pretrain":
-        return pretrain.pretrained_m0(config, mesh, rules)
-    if source == "scratch":
-        from dpost.data import synthetic
-
-        if task.tokenizer_dir is None:
-            raise ValueError("config field 'model.source' = scratch needs data.source = synthetic (its tokenizer)")
-        tokenizer = synthetic.load_tokenizer(task.tokenizer_dir)
-        model_config = pretrain.scratch_model_config(config, tokenizer)
-        return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, mesh=mesh,
-                                  rules=rules), None
-    bundle = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
-    if config.model.family and bundle.family != config.model.family:
-        raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
-    if bundle.tokenizer is None:
-        raise ValueError(f"{source}: no tokenizer found beside the weights")
-    if config.model.remat:
-        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=True))
-        bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
-    return bundle, None
-
-
-def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
-    """mode=eval: evaluates `eval.checkpoint` (orbax:/hf:/gguf:) alone; writes WORKDIR/eval.json."""
-    config_check.check(config)
-    source = config.eval.checkpoint
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules_from_config(config.sharding.rules)
-    task = load_task(config, workdir)
-    model = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
-    if model.tokenizer is None:
-        raise ValueError(f"{source}: no tokenizer found beside the weights")
-    mesh = stages.sampling_mesh(mesh)  # multi-host: each host evaluates on its own devices
-    model = stages.bundle_on(model, mesh, rules)
-    out = absolute(workdir)
-    results = evaluation.evaluate(
-        model, task.eval_sets, config.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
-        progress=config.progress, out_dir=out, pass_at_k=config.eval.pass_at_k,
-        pass_at_k_temperature=config.eval.pass_at_k_temperature, seed=config.seed,
-    )
-    entry = {"iteration": 0, "stage": "eval", "model": source, "eval": results, "seconds": 0.0, "flops": 0.0}
-    doc = {"config": config_path, "method": "eval", "seed": config.seed, "stages": [entry],
-           "final": {"model": source, "eval": results}}
-    if jax.process_index() == 0:
-        reports.write_json(out / "eval.json", doc)
-    return doc

@@ -10,7 +10,7 @@ import numpy as np
 from etils import epath
 
 from dpost import sampling
-from dpost.stages import prompts_per_batch
+from dpost.stages import bundle_on, prompt_ids, prompts_per_batch, sampling_mesh
 from dpost.data.gsm8k import Example, extract_answer, is_correct
 from dpost.models.bundle import ModelBundle
 from dpost.workdir import write_jsonl_atomic
@@ -72,3 +72,17 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
                 for ex, t in zip(examples, texts)
             ])
     return results
+
+
+def evaluate_with_config(bundle: ModelBundle, eval_sets: dict[str, list[Example]], config, *, mesh, rules,
+                         out_dir: epath.Path, seed: int) -> dict[str, dict]:
+    """`evaluate` as a run's config sets it up (`sampling.eval`, `eval.pass_at_k`, ...). Multi-host:
+    every host evaluates on its own devices (outputs of the global mesh are not fetchable by one
+    host); the results are the same on every host, process 0 writes the predictions."""
+    mesh = sampling_mesh(mesh)
+    bundle = bundle_on(bundle, mesh, rules)
+    return evaluate(
+        bundle, eval_sets, config.sampling.eval, prompt_fn=lambda q: prompt_ids(bundle, q), mesh=mesh,
+        progress=config.progress, out_dir=out_dir, pass_at_k=config.eval.pass_at_k,
+        pass_at_k_temperature=config.eval.pass_at_k_temperature, seed=seed,
+    )

@@ -46,7 +46,7 @@ def main(argv) -> int:
     console.configure_logging()
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
-    from dpost import driver
+    from dpost import driver, eval_only
 
     config_path = flags.FLAGS["config"].config_filename
     if not os.path.isfile(config_path):  # config_flags would defer this error to first use
@@ -57,7 +57,7 @@ def main(argv) -> int:
     try:
         config_check.check(config)  # every field, before anything is loaded or written
         if config.mode == "eval":
-            driver.evaluate_checkpoint(config, workdir, config_path=config_path)
+            eval_only.evaluate_checkpoint(config, workdir, config_path=config_path)
         elif config.mode == "train":
             driver.run(config, workdir, config_path=config_path)
         else:

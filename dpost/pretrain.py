@@ -100,18 +100,22 @@ def pretrained_m0(config, mesh=None, rules=None) -> tuple[ModelBundle, dict]:
     key = content_hash(config, examples)
     root = cache_root(config) / key
     stage = StageDir(root / STAGE, key)
+
+    def build():
+        log.info("pre-training M0 on %d synthetic problems into %s", len(examples), root)
+        tokenizer = synthetic.train_tokenizer(synthetic.tokenizer_corpus(examples), str(root / "tokenizer"),
+                                              int(config.model.scratch.get("tokenizer_vocab_size", 512)))
+        base = models.init_random(config.model.family, scratch_model_config(config, tokenizer), tokenizer,
+                                  seed=config.pretrain.seed, mesh=mesh, rules=rules)
+        return stages.sft_stage(base, stages.gold_labels(examples, config.model.family), training_config(config),
+                                stage, seed=config.pretrain.seed, mesh=mesh, rules=rules)
+
     reused = stage.done()
     if not reused:
         with _lock(root.parent / f".{key}.lock"):
             reused = stage.done()  # another process may have built it while this one waited
-            if not reused:
-                log.info("pre-training M0 on %d synthetic problems into %s", len(examples), root)
-                tokenizer = synthetic.train_tokenizer(synthetic.tokenizer_corpus(examples), str(root / "tokenizer"),
-                                                      int(config.model.scratch.get("tokenizer_vocab_size", 512)))
-                base = models.init_random(config.model.family, scratch_model_config(config, tokenizer), tokenizer,
-                                          seed=config.pretrain.seed, mesh=mesh, rules=rules)
-                stages.sft_stage(base, stages.gold_labels(examples, config.model.family), training_config(config),
-                                 stage, seed=config.pretrain.seed, mesh=mesh, rules=rules)
+            stage.cached(build, load=lambda done: None)
+    # Loaded back also when just built: M0 is the same model whether built now or reused.
     bundle = stages.load_stage_model(stage, mesh, rules, config.model.dtype)
     manifest = stage.manifest()
     info = {k: manifest[k] for k in ("seconds", "flops", "steps", "examples", "final_loss") if k in manifest}

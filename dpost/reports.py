@@ -12,6 +12,58 @@ from dpost import stats
 from dpost.workdir import write_json_atomic, write_text_atomic
 
 
+# -- results.json stage entries ---------------------------------------------------------------------
+# An entry names the model a training stage made, what it cost (that stage plus the sampling and the
+# pairs or pseudo-labels that made its training data; evaluation not counted) and how it scored.
+
+SAMPLED_FIELDS = ("num_samples", "questions", "pass_at_1", "pass_at_n", "questions_with_correct")
+
+
+def model_name(stage: str, iteration: int) -> str:
+    """How results.json names the model of a training stage: sft_0, dpo_1, sft_1, ..."""
+    return f"{stage}_{iteration}"
+
+
+def sampled(samples: dict, model: str) -> dict:
+    """What a sampling stage's manifest says of `model`'s samples on the training questions (pass@1,
+    pass@n, questions with a correct sample): the paper's mechanism is DPO raising these."""
+    return dict(model=model, **{k: samples[k] for k in SAMPLED_FIELDS if k in samples})
+
+
+def _cost(*manifests: dict | None) -> dict:
+    manifests = [m for m in manifests if m]
+    return {"seconds": round(sum(m.get("seconds", 0.0) for m in manifests), 3),
+            "flops": float(sum(m.get("flops", 0.0) for m in manifests))}
+
+
+def sft_entry(iteration: int, trained: dict, evaluation: dict, *, samples: dict | None = None,
+              sampled_by: str | None = None, labels: dict | None = None) -> dict:
+    """SFT_k's entry from the manifests of its training stage and, after the warm-up, of the
+    sampling stage (its samples from model `sampled_by`) and the pseudo-label stage before it."""
+    entry = {"iteration": iteration, "stage": "sft", "model": model_name("sft", iteration),
+             **_cost(trained, samples, labels), "eval": evaluation}
+    if samples is not None:
+        entry["sampled"] = sampled(samples, sampled_by)
+    if labels is not None:
+        entry.update(pseudo_labels=labels["pseudo_labels"], beyond_gold=labels["beyond_gold"])
+    return entry
+
+
+def dpo_entry(iteration: int, trained: dict, evaluation: dict, *, samples: dict, pairs: dict) -> dict:
+    """DPO_k's entry from the manifests of its training stage, of SFT_{k-1}'s sampling and of the
+    pair stage; `pairs` counts the pairs it trained on, `dpo_eval` its reward metrics on its eval pairs."""
+    return {"iteration": iteration, "stage": "dpo", "model": model_name("dpo", iteration),
+            **_cost(trained, samples, pairs), "pairs": trained["pairs"], "dpo_eval": trained.get("eval", {}),
+            "eval": evaluation, "sampled": sampled(samples, model_name("sft", iteration - 1))}
+
+
+def eval_entry(model: str, evaluation: dict) -> dict:
+    """mode=eval's one entry: a model evaluated alone, nothing trained."""
+    return {"iteration": 0, "stage": "eval", "model": model, "eval": evaluation, "seconds": 0.0, "flops": 0.0}
+
+
+# -- documents -------------------------------------------------------------------------------------
+
 def final_entry(stages: Sequence[dict]) -> dict:
     """The last SFT model of the run and its evaluation (the method's result)."""
     sft = [s for s in stages if s["stage"] == "sft"]

@@ -1,8 +1,10 @@
 """The DPO-ST stages, one function each; `driver.py` calls them in the paper's order.
 
-Every stage writes into its own `StageDir` and finishes by writing the manifest, so a rerun skips
-it. Training stages resume from their last Orbax checkpoint; sampling resumes from its last
-completed shard file. Multi-host: training is SPMD over the global mesh (each host feeds its part
+Every stage writes its outputs into its own `StageDir` and returns (its result, its manifest's
+fields); the driver runs it through `StageDir.cached`, which writes the manifest, so a rerun skips
+it and reads its result back (`load_stage_model`, `read_samples`, `read_pairs`, `read_labels`).
+Training stages resume from their last Orbax checkpoint; sampling resumes from its last completed
+shard file. Multi-host: training is SPMD over the global mesh (each host feeds its part
 of every global batch); sampling shards are split across hosts, each host samples its shards on a
 host-local mesh of its own devices (params brought there by one reshard) and writes their files,
 and after a barrier every host reads all shard files from the shared workdir. Other files are
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CKPT_DIR = "checkpoints"
+PAIRS_FILE = "pairs.jsonl"
+LABELS_FILE = "labels.jsonl"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -99,11 +103,11 @@ def bundle_on(bundle: ModelBundle, mesh, rules) -> ModelBundle:
 
 
 def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: StageDir, *, seed: int,
-                 mesh=None, rules=None, progress: bool = True) -> dict:
+                 mesh=None, rules=None, progress: bool = True) -> tuple[dict[str, list[dict]], dict]:
     """Samples `scfg.num_samples` rationales per question; resumable shard by shard. With several
     hosts, shard i is sampled (and its file written) by host i % process_count on its local mesh;
-    after a barrier every host reads all shard files from the shared workdir."""
-    stage.start()
+    after a barrier every host reads all shard files from the shared workdir. Returns the samples
+    per question id (`read_samples`) and the manifest fields."""
     mesh = sampling_mesh(mesh)
     sampler = bundle_on(bundle, mesh, rules)
     size = scfg.shard_questions
@@ -136,9 +140,10 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
     tokens = sum(row.get("prompt_tokens", 0) + sum(len(x["token_ids"]) for x in row["samples"])
                  for path in stage.path.glob("shard_*.jsonl") for row in read_jsonl(path))
     n_samples = len(examples) * scfg.num_samples
-    rates = builders.pass_rates(question_samples(examples, [read_samples(stage)]))
-    return stage.finish(samples=n_samples, num_samples=scfg.num_samples, flops=2.0 * num_params(bundle.params) * tokens,
-                        shards=len(shards), **rates)
+    samples = read_samples(stage)
+    rates = builders.pass_rates(question_samples(examples, [samples]))
+    return samples, dict(samples=n_samples, num_samples=scfg.num_samples,
+                         flops=2.0 * num_params(bundle.params) * tokens, shards=len(shards), **rates)
 
 
 def read_samples(stage: StageDir) -> dict[str, list[dict]]:
@@ -169,10 +174,10 @@ def similarity_tokens(similarity: str, tokenizer) -> builders.Tokenize | None:
 
 
 def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: str, cfg, stage: StageDir,
-                tokenizer) -> dict:
+                tokenizer) -> tuple[list[dict], dict]:
     """Builds pairs; each side carries the reference's summed log-prob and token ids when it was
-    sampled by the reference model itself (this round), so DPO needs no second pass for it."""
-    stage.start()
+    sampled by the reference model itself (this round), so DPO needs no second pass for it.
+    Returns the pair rows (`read_pairs`) and the manifest fields."""
     pairs = builders.build_pairs(question_samples(examples, rounds), family,
                                  max_pairs_per_question=cfg.pairs.max_per_question,
                                  dedup_threshold=cfg.pairs.dedup_threshold,
@@ -190,22 +195,31 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
             row[f"{side}_ids"] = None if hit is None else hit["token_ids"]
         rows.append(row)
     if jax.process_index() == 0:
-        write_jsonl_atomic(stage.path / "pairs.jsonl", rows)
+        write_jsonl_atomic(stage.path / PAIRS_FILE, rows)
     with_negative = len({p.id for p in pairs})
-    return stage.finish(pairs=len(pairs), questions_with_pairs=with_negative, questions=len(examples))
+    return rows, dict(pairs=len(pairs), questions_with_pairs=with_negative, questions=len(examples))
 
 
-def labels_stage(examples, rounds, family: str, cfg, stage: StageDir, tokenizer) -> dict:
-    stage.start()
+def labels_stage(examples, rounds, family: str, cfg, stage: StageDir, tokenizer) -> tuple[list[dict], dict]:
+    """Builds pseudo-labels; returns their rows (`read_labels`) and the manifest fields."""
     labels = builders.build_pseudo_labels(question_samples(examples, rounds), family,
                                           dedup_threshold=cfg.pseudo_labels.dedup_threshold,
                                           cap_percentile=cfg.pseudo_labels.cap_percentile,
                                           tokenize=similarity_tokens(cfg.pseudo_labels.similarity, tokenizer))
+    rows = [dataclasses.asdict(l) for l in labels]
     if jax.process_index() == 0:
-        write_jsonl_atomic(stage.path / "labels.jsonl", [dataclasses.asdict(l) for l in labels])
+        write_jsonl_atomic(stage.path / LABELS_FILE, rows)
     questions = {l.id for l in labels}
     gold = sum(1 for ex in examples if ex.answer and ex.id in questions)  # each labeled question keeps its gold
-    return stage.finish(pseudo_labels=len(labels), questions=len(questions), beyond_gold=len(labels) - gold)
+    return rows, dict(pseudo_labels=len(labels), questions=len(questions), beyond_gold=len(labels) - gold)
+
+
+def read_pairs(stage: StageDir) -> list[dict]:
+    return read_jsonl(stage.path / PAIRS_FILE)
+
+
+def read_labels(stage: StageDir) -> list[dict]:
+    return read_jsonl(stage.path / LABELS_FILE)
 
 
 def gold_labels(examples: Sequence[Example], family: str) -> list[tuple[str, str]]:
@@ -223,8 +237,8 @@ def _stage_lengths(items: Sequence[dict], keys: Sequence[str], max_p: int, max_c
 
 def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage: StageDir, *, seed: int,
               mesh=None, rules=None) -> tuple[ModelBundle, dict]:
-    """SFT from `base` on (prompt_text, target_text) pairs; resumes from the stage's checkpoints."""
-    stage.start()
+    """SFT from `base` on (prompt_text, target_text) pairs; resumes from the stage's checkpoints.
+    Returns the trained model and the manifest fields."""
     tok = pipeline.tokenize_examples(examples, base.tokenizer, base.family,
                                      max_prompt_len=cfg.data.max_prompt_len, max_completion_len=cfg.data.max_target_len)
     if not tok.items:
@@ -255,12 +269,11 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     trained = _save_model(base, result.state.params, stage)
     last = result.history[-1] if result.history else {}
     tokens_per_step = _tokens_per_step(tok.items, batch_size, ["completion"])
-    manifest = stage.finish(
+    return trained, dict(
         examples=len(tok.items), filtered=tok.num_filtered, steps=steps,
         flops=6.0 * num_params(base.params) * tokens_per_step * steps,
         final_loss=last.get("loss"),
     )
-    return trained, manifest
 
 
 def _tokens_per_step(items, batch_size: int, keys) -> float:
@@ -298,8 +311,8 @@ def _pair_arrays(items, pad_id, p_len, c_len) -> dict[str, np.ndarray]:
 def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageDir, *, seed: int,
               mesh=None, rules=None) -> tuple[ModelBundle, dict]:
     """DPO_k: init and reference = SFT_{k-1}. Reference log-probs come from the sampler for the
-    reference's own samples; the rest (gold rationales, earlier rounds) are scored once here."""
-    stage.start()
+    reference's own samples; the rest (gold rationales, earlier rounds) are scored once here.
+    Returns the trained model and the manifest fields."""
     items, refs, rows = _pair_items(policy, pair_rows, cfg.data.max_prompt_len, cfg.data.max_target_len)
     if not items:
         raise ValueError(f"{stage.path}: no preference pair fits the length limits; nothing to train DPO on")
@@ -357,12 +370,11 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     n = num_params(policy.params)
     tokens_per_step = _tokens_per_step(items, batch_size, ["chosen", "rejected"])
     ref_flops = 2.0 * n * tokens_per_step * steps if dcfg.reference == "in_step" else 0.0
-    manifest = stage.finish(
+    return trained, dict(
         pairs=len(items), filtered=len(pair_rows) - len(items), steps=steps, harvested_reference_logps=harvested,
         flops=6.0 * n * tokens_per_step * steps + ref_flops,
         eval={k: float(v) for k, v in last_eval.items() if k != "step"},
     )
-    return trained, manifest
 
 
 def _eval_batches(arrays: dict[str, np.ndarray], n_eval: int, batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -3,9 +3,10 @@
     WORKDIR/config.json            the run's config (a changed config under it is refused)
     WORKDIR/iter_<k>/<stage>/      a stage's outputs; MANIFEST written last, atomically
 
-A stage is finished exactly when its manifest exists and names the run's config hash, so rerunning
-the command skips finished stages and resumes the others (training from its last checkpoint,
-sampling from its last completed shard). Paths may be local or gs:// (etils.epath).
+A stage is finished exactly when its manifest exists and names the run's config hash.
+`StageDir.cached` is the one place that decides it: a finished stage's result is read back from
+its folder, any other stage runs (and resumes from what it left there: training from its last
+checkpoint, sampling from its last completed shard). Paths may be local or gs:// (etils.epath).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import jax
 from etils import epath
+
+from dpost import distributed
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.json"
@@ -117,11 +120,13 @@ def _norm(v):
     return json.loads(json.dumps(v, default=str))
 
 
+Result = TypeVar("Result")
+
+
 class StageDir:
     def __init__(self, path: epath.Path, run_hash: str):
         self.path = path
         self.run_hash = run_hash
-        self._started = None
 
     @property
     def manifest_path(self) -> epath.Path:
@@ -135,16 +140,25 @@ class StageDir:
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())
 
-    def start(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._started = time.time()
+    def cached(self, run: Callable[[], tuple[Result, dict]],
+               load: Callable[["StageDir"], Result]) -> tuple[Result, dict]:
+        """The stage's (result, manifest), computed once per run directory.
 
-    def finish(self, **fields) -> dict:
-        """Writes the manifest (last, atomically): the stage is finished from this moment on."""
-        seconds = fields.pop("seconds", None)
-        if seconds is None:
-            seconds = time.time() - self._started if self._started else 0.0
-        manifest = dict(stage=self.path.name, config_hash=self.run_hash, seconds=round(seconds, 3), **fields)
+        A finished stage's result is `load(self)`, read from its folder. Otherwise `run()` computes
+        it, writing its outputs under `self.path` (and resuming from what an interrupted run left
+        there), and returns (result, manifest fields); the manifest, those fields with the config
+        hash and the seconds, is then written last and atomically by process 0. Every process
+        returns the manifest read back from that file, so all hosts report the same one.
+        """
+        if self.done():
+            return load(self), self.manifest()
+        self.path.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        result, fields = run()
+        manifest = dict(stage=self.path.name, config_hash=self.run_hash, seconds=round(time.time() - started, 3),
+                        **fields)
         if jax.process_index() == 0:
             write_json_atomic(self.manifest_path, manifest)
-        return manifest
+        distributed.barrier(f"finished {self.path}")
+        return result, self.manifest()
+

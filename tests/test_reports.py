@@ -63,3 +63,33 @@ def test_run_reports_write_markdown_and_plot(tmp_path):
     reports.write_run_reports(epath.Path(tmp_path), results, "test")
     assert (tmp_path / "report.md").read_text() == reports.markdown_report(results)
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- stage entries from manifests (hand-made manifests, hand-computed sums) ------------------------
+
+SAMPLES = {"stage": "sample_pairs", "seconds": 10.25, "flops": 1e9, "samples": 10, "num_samples": 5, "questions": 2,
+           "pass_at_1": 0.3, "pass_at_n": 0.5, "questions_with_correct": 1, "shards": 1}
+
+
+def test_dpo_entry_counts_its_sampling_and_pairs_and_names_its_sampler():
+    trained = {"seconds": 100.0, "flops": 3e12, "pairs": 7, "filtered": 1, "eval": {"rewards/accuracies": 0.75}}
+    pairs = {"seconds": 0.5, "pairs": 8, "questions": 2}
+    entry = reports.dpo_entry(2, trained, {}, samples=SAMPLES, pairs=pairs)
+    assert entry == {
+        "iteration": 2, "stage": "dpo", "model": "dpo_2", "seconds": 110.75, "flops": 3e12 + 1e9,
+        "pairs": 7,  # the pairs DPO trained on (after its length filter), not the 8 built
+        "dpo_eval": {"rewards/accuracies": 0.75}, "eval": {},
+        "sampled": {"model": "sft_1", "num_samples": 5, "questions": 2, "pass_at_1": 0.3, "pass_at_n": 0.5,
+                    "questions_with_correct": 1},
+    }
+
+
+def test_sft_entries_of_the_warm_up_and_of_an_iteration():
+    trained, evaluation = {"seconds": 2.0004, "flops": 5.0}, {"test": {"accuracy": 0.5, "n": 2}}
+    assert reports.sft_entry(0, trained, evaluation) == {
+        "iteration": 0, "stage": "sft", "model": "sft_0", "seconds": 2.0, "flops": 5.0, "eval": evaluation}
+    labels = {"seconds": 1.0, "pseudo_labels": 9, "questions": 2, "beyond_gold": 7}
+    entry = reports.sft_entry(1, trained, evaluation, samples=SAMPLES, sampled_by="dpo_1", labels=labels)
+    assert (entry["seconds"], entry["flops"]) == (13.25, 5.0 + 1e9)
+    assert entry["sampled"]["model"] == "dpo_1" and entry["sampled"]["pass_at_n"] == 0.5
+    assert (entry["pseudo_labels"], entry["beyond_gold"]) == (9, 7)

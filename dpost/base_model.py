@@ -1,0 +1,42 @@
+"""M0, the model every SFT_k restarts from, as `config.model.source` names it.
+
+    hf:<dir or hub id> | gguf:<file> | orbax:<dir>   a saved checkpoint (`dpost.models.load`)
+    pretrain                                          the tiny synthetic pre-training (`dpost.pretrain`, cached)
+    scratch                                           a random init with the synthetic task's tokenizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dpost import models, pretrain
+from dpost.data.task import Task
+from dpost.models.bundle import ModelBundle
+
+
+def load(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
+    """M0 on `mesh` and, for source=pretrain, its pre-training record (time, FLOPs, cache)."""
+    source = config.model.source
+    if source == "pretrain":
+        return pretrain.pretrained_m0(config, mesh, rules)
+    if source == "scratch":
+        return _scratch(config, task, mesh, rules), None
+    bundle = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
+    if config.model.family and bundle.family != config.model.family:
+        raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
+    if bundle.tokenizer is None:
+        raise ValueError(f"{source}: no tokenizer found beside the weights")
+    if config.model.remat:
+        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=True))
+        bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
+    return bundle, None
+
+
+def _scratch(config, task: Task, mesh, rules) -> ModelBundle:
+    from dpost.data import synthetic
+
+    if task.tokenizer_dir is None:
+        raise ValueError("config field 'model.source' = scratch needs data.source = synthetic (its tokenizer)")
+    tokenizer = synthetic.load_tokenizer(task.tokenizer_dir)
+    model_config = pretrain.scratch_model_config(config, tokenizer)
+    return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, mesh=mesh, rules=rules)
