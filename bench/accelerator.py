@@ -10,7 +10,7 @@
 Models (random weights, fp32 masters, compute in --dtype):
   llama-1b       Llama-shaped, TinyLlama-1.1B dimensions (d 2048, MLP 5632, 22 layers, 32 heads,
                  4 KV heads, vocab 32000): 1.1 B parameters
-  flan-t5-large  Flan-T5-Large dimensions (dpost.plan.KNOWN_HF_CONFIGS): 0.78 B parameters
+  flan-t5-large  Flan-T5-Large dimensions (dpost/models/t5/known.py): 0.78 B parameters
 
 Rows:
   sft      one `training.make_sft_step` update on --batch sequences per device
@@ -82,9 +82,9 @@ def llama_1b(dtype: str) -> LlamaConfig:
 
 def flan_t5_large(dtype: str) -> T5Config:
     from dpost.models.t5.params import config_from_hf
-    from dpost.plan import KNOWN_HF_CONFIGS
+    from dpost.models.t5.known import HF_CONFIGS
 
-    return dataclasses.replace(config_from_hf(KNOWN_HF_CONFIGS["google/flan-t5-large"]), dtype=dtype)
+    return dataclasses.replace(config_from_hf(HF_CONFIGS["google/flan-t5-large"]), dtype=dtype)
 
 
 def tiny_llama(dtype: str) -> LlamaConfig:
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
 
     mesh = None
     if args.mesh:
-        from dpost.plan import parse_mesh
+        from dpost.memory.__main__ import parse_mesh
 
         mesh = sharding.make_mesh(parse_mesh(args.mesh))
     n_dev = mesh.size if mesh is not None else 1

@@ -25,7 +25,7 @@ import jax
 import logging
 from etils import epath
 
-from dpost import config_check, evaluation, models, plan, pretrain, reports, sharding, stages
+from dpost import config_check, evaluation, memory, models, pretrain, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
@@ -207,8 +207,7 @@ def setup(config, workdir: str, config_path: str) -> Run:
     rundir.guard_config()
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules_from_config(config.sharding.rules)
-    memory_plan = plan.plan(config, dict(mesh.shape), None)
-    plan.check_fits(memory_plan)  # refuse, with the numbers, a run that cannot fit in device memory
+    memory.check_run(config, dict(mesh.shape))
     task = load_task(config, workdir)
     base, pretrain_info = load_base_model(config, task, mesh, rules)
     log.info("run %s: %s, %d train questions (%d labeled), eval sets %s, mesh %s", workdir, base.source,

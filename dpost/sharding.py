@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -40,24 +40,40 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor); one size may be -1 meaning "all remaining devices"."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(shape: Mapping[str, int] | None = None, num_devices: int | None = None) -> dict[str, int]:
+    """{data, fsdp, tensor} sizes of `shape`; one size may be -1 meaning "all remaining devices" of
+    `num_devices` (default jax.device_count()). Missing axes are 1."""
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
-    if sizes.count(-1) > 1:
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
         raise ValueError(f"mesh {shape}: at most one axis may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if free:
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh {shape}: {num_devices} devices are not divisible by {known}")
+        sizes[free[0]] = num_devices // known
+    if any(size < 1 for size in sizes.values()):
+        raise ValueError(f"mesh {shape}: sizes must be positive")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor) over `devices` (default all); see `mesh_shape`."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(shape, len(devices))
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+    """A mesh of `sizes` without devices: shardings and shard shapes for a pod this host is not on."""
+    return AbstractMesh(tuple(int(sizes[axis]) for axis in MESH_AXES), MESH_AXES)
 
 
 def rules_from_config(rules: Any | None) -> tuple[tuple[str, Any], ...]:

@@ -101,13 +101,18 @@ def _load_tokenizer(folder: str, source: str, **kwargs):
         raise ValueError(f"{source}: could not load the tokenizer: {err}") from err
 
 
-def _from_hf(location: str, source: str):
-    folder = _resolve_hf_dir(location, source)
+def read_hf_config(folder: str, source: str) -> dict:
+    """The folder's config.json."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{source}: missing file {config_path}")
     with open(config_path) as f:
-        hf_config = json.load(f)
+        return json.load(f)
+
+
+def _from_hf(location: str, source: str):
+    folder = _resolve_hf_dir(location, source)
+    hf_config = read_hf_config(folder, source)
     family = family_for_hf_config(hf_config, source)
     getter = _hf_tensor_getter(folder, hf_config, source)
     config = family.settle_config(family.config_from_hf(hf_config), getter, source)
@@ -135,9 +140,11 @@ def _gguf_metadata(reader) -> dict:
     return meta
 
 
-def _from_gguf(location: str, source: str):
+def read_gguf(location: str, source: str):
+    """(reader, metadata, LlamaConfig) of a GGUF file: its header only, no tensor is read."""
     import gguf
-    from gguf.quants import dequantize
+
+    from dpost.models.llama import params as llama_params
 
     if not os.path.isfile(location):
         raise ValueError(f"{source}: no such file")
@@ -149,14 +156,20 @@ def _from_gguf(location: str, source: str):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; dpost reads llama GGUF files")
-    family = get_family("llama")
-    from dpost.models.llama import params as llama_params
-
-    tensors = {t.name: t for t in reader.tensors}
-    meta["_has_output_weight"] = "output.weight" in tensors
+    meta["_has_output_weight"] = any(t.name == "output.weight" for t in reader.tensors)
     if "llama.vocab_size" not in meta:
         meta["llama.vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-    config = llama_params.config_from_gguf(meta)
+    return reader, meta, llama_params.config_from_gguf(meta)
+
+
+def _from_gguf(location: str, source: str):
+    from gguf.quants import dequantize
+
+    from dpost.models.llama import params as llama_params
+
+    reader, _, config = read_gguf(location, source)
+    family = get_family("llama")
+    tensors = {t.name: t for t in reader.tensors}
     by_hf_name = {}
     for name in tensors:
         hf_name = llama_params.gguf_name_to_hf(name)
@@ -180,16 +193,25 @@ def _from_gguf(location: str, source: str):
 
 # -- orbax: ----------------------------------------------------------------------------------------
 
-def _from_orbax(location: str, source: str):
-    from etils import epath
-
-    root = epath.Path(location if "://" in location else os.path.abspath(location))
+def read_model_info(root, source: str):
+    """(family, config) from a dpost checkpoint folder's dpost_model.json."""
     info_path = root / MODEL_INFO_FILE
     if not info_path.exists():
         raise ValueError(f"{source}: missing file {info_path} (not a dpost model checkpoint)")
     info = json.loads(info_path.read_text())
     family = get_family(info["family"])
-    config = family.config_class()(**info["config"])
+    return family, family.config_class()(**info["config"])
+
+
+def orbax_root(location: str):
+    from etils import epath
+
+    return epath.Path(location if "://" in location else os.path.abspath(location))
+
+
+def _from_orbax(location: str, source: str):
+    root = orbax_root(location)
+    family, config = read_model_info(root, source)
     tokenizer = None
     if (root / TOKENIZER_DIR).exists():
         tokenizer = _load_tokenizer(_local_copy(root / TOKENIZER_DIR), source)
