@@ -164,7 +164,7 @@ def _state_shardings(family, cfg, tx, mesh):
     import flax.linen as nn
 
     boxed = sources.abstract_params(get_family(family), cfg)
-    return training.state_shardings(sharding.param_shardings(boxed, mesh), tx, nn.unbox(boxed), mesh)
+    return training.state_shardings(sharding.param_shardings(boxed, mesh), tx, nn.unbox(boxed), sharding.Layout(mesh))
 
 
 def _random_batch(rng, rows: int, prompt: int, target: int, vocab: int, dpo: bool) -> dict:
@@ -194,9 +194,9 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
     rows = rows_per_device * n_dev
     rng = np.random.default_rng(0)
     if stage == "sft":
-        step = training.make_sft_step(bundle.module, tx, lr_schedule=training.make_schedule(opt), mesh=mesh,
+        step = training.make_sft_step(bundle.module, tx, lr_schedule=training.make_schedule(opt), layout=sharding.Layout(mesh),
                                       state_shardings=st_sh, logits_chunk=args.logits_chunk)
-        batch = training.put_batch(_random_batch(rng, rows, shapes.prompt, shapes.target, cfg.vocab_size, False), mesh)
+        batch = training.put_batch(_random_batch(rng, rows, shapes.prompt, shapes.target, cfg.vocab_size, False), sharding.Layout(mesh))
         extra = ()
         flops = train_flops(family, cfg, rows, shapes.prompt, shapes.target)
         sequences = rows
@@ -204,7 +204,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
     else:
         pairs = max(1, rows // 2)
         dpo_cfg = training.DPOConfig(reference=args.dpo_reference)
-        step = training.make_dpo_step(bundle.module, tx, dpo_cfg, lr_schedule=training.make_schedule(opt), mesh=mesh,
+        step = training.make_dpo_step(bundle.module, tx, dpo_cfg, lr_schedule=training.make_schedule(opt), layout=sharding.Layout(mesh),
                                       state_shardings=st_sh, ref_shardings=st_sh.params if st_sh else None,
                                       logits_chunk=args.logits_chunk)
         host = _random_batch(rng, pairs, shapes.prompt, shapes.target, cfg.vocab_size, True)
@@ -213,7 +213,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
             extra = (bundle.params,)
         else:
             extra = ()
-        batch = training.put_batch(host, mesh)
+        batch = training.put_batch(host, sharding.Layout(mesh))
         flops = train_flops(family, cfg, 2 * pairs, shapes.prompt, shapes.target)
         if args.dpo_reference == "in_step":
             flops += forward_flops(family, cfg, 2 * pairs, shapes.prompt, shapes.target)

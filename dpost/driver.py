@@ -41,8 +41,7 @@ class Run:
     rundir: RunDir
     task: Task
     base: ModelBundle  # M0: every SFT_k restarts from it
-    mesh: Any
-    rules: Any
+    layout: sharding.Layout  # mesh + logical-axis rules, made once from config.mesh and config.sharding.rules
     pretrain: dict | None = None  # model.source=pretrain: M0's pre-training (time, FLOPs, cache)
 
     @property
@@ -53,7 +52,7 @@ class Run:
         return self.rundir.stage(iteration, name)
 
     def load(self, stage: StageDir) -> ModelBundle:
-        return stages.load_stage_model(stage, self.mesh, self.rules, self.config.model.dtype)
+        return stages.load_stage_model(stage, self.layout, self.config.model.dtype)
 
     def seed(self, iteration: int, salt: int) -> int:
         return stages.stage_seed(self.config.seed, iteration, salt)
@@ -107,7 +106,7 @@ def train_sft(r: Run, iteration: int, examples, inputs: list[dict] | None = None
         manifest = stage.manifest()
     else:
         model, manifest = stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, 1),
-                                           mesh=r.mesh, rules=r.rules)
+                                           layout=r.layout)
     entry = _entry(iteration, "sft", f"sft_{iteration}", [manifest] + (inputs or []))
     entry["eval"] = evaluate_stage(r, iteration, f"sft_{iteration}", model)
     return model, entry
@@ -119,7 +118,7 @@ def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict], in
         model, manifest = r.load(stage), stage.manifest()
     else:
         model, manifest = stages.dpo_stage(policy, pairs, r.config, stage, seed=r.seed(iteration, 2),
-                                           mesh=r.mesh, rules=r.rules)
+                                           layout=r.layout)
     entry = _entry(iteration, "dpo", f"dpo_{iteration}", [manifest] + inputs)
     entry["pairs"] = manifest["pairs"]
     entry["dpo_eval"] = manifest.get("eval", {})
@@ -134,7 +133,7 @@ def sample(r: Run, model: ModelBundle, iteration: int, name: str, scfg):
     else:  # (its return value: on other hosts than 0 the manifest file may not be written yet)
         manifest = stages.sample_stage(model, r.task.train, scfg, stage,
                                        seed=r.seed(iteration, 3 if name == "sample_pairs" else 4),
-                                       mesh=r.mesh, rules=r.rules, progress=r.config.progress)
+                                       layout=r.layout, progress=r.config.progress)
     return stages.read_samples(stage), manifest
 
 
@@ -169,10 +168,10 @@ def evaluate_stage(r: Run, iteration: int, model_name: str, model: ModelBundle) 
     cfg = r.config
     # Multi-host: every host evaluates on its own devices (outputs of the global mesh are not
     # fetchable by one host); the results are the same on every host, process 0 writes them.
-    mesh = stages.sampling_mesh(r.mesh)
-    model = stages.bundle_on(model, mesh, r.rules)
+    layout = stages.sampling_layout(r.layout)
+    model = stages.bundle_on(model, layout)
     results = evaluation.evaluate(
-        model, r.task.eval_sets, cfg.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
+        model, r.task.eval_sets, cfg.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), layout=layout,
         progress=cfg.progress, out_dir=stage.path, pass_at_k=cfg.eval.pass_at_k,
         pass_at_k_temperature=cfg.eval.pass_at_k_temperature, seed=r.seed(iteration, 5),
     )
@@ -205,23 +204,22 @@ def _gold(r: Run):
 def setup(config, workdir: str, config_path: str) -> Run:
     rundir = RunDir(workdir, config, config_path)
     rundir.guard_config()
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules_from_config(config.sharding.rules)
-    memory.check_run(config, dict(mesh.shape))
+    layout = sharding.Layout.from_config(config)
+    memory.check_run(config, layout)
     task = load_task(config, workdir)
-    base, pretrain_info = load_base_model(config, task, mesh, rules)
+    base, pretrain_info = load_base_model(config, task, layout)
     log.info("run %s: %s, %d train questions (%d labeled), eval sets %s, mesh %s", workdir, base.source,
              len(task.train), sum(1 for ex in task.train if ex.answer),
-             {k: len(v) for k, v in task.eval_sets.items()}, dict(mesh.shape))
-    return Run(config, rundir, task, base, mesh, rules, pretrain_info)
+             {k: len(v) for k, v in task.eval_sets.items()}, dict(layout.mesh.shape))
+    return Run(config, rundir, task, base, layout, pretrain_info)
 
 
-def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
+def load_base_model(config, task: Task, layout: sharding.Layout) -> tuple[ModelBundle, dict | None]:
     """M0 and, for source=pretrain, its pre-training record: a pre-trained checkpoint, the
     synthetic pre-training (cached), or (source=scratch) a random init with the task's tokenizer."""
     source = config.model.source
     if source == "pretrain":
-        return pretrain.pretrained_m0(config, mesh, rules)
+        return pretrain.pretrained_m0(config, layout)
     if source == "scratch":
         from dpost.data import synthetic
 
@@ -229,9 +227,9 @@ def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict 
             raise ValueError("config field 'model.source' = scratch needs data.source = synthetic (its tokenizer)")
         tokenizer = synthetic.load_tokenizer(task.tokenizer_dir)
         model_config = pretrain.scratch_model_config(config, tokenizer)
-        return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, mesh=mesh,
-                                  rules=rules), None
-    bundle = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
+        return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed,
+                                  layout=layout), None
+    bundle = models.load(source, dtype=config.model.dtype, layout=layout)
     if config.model.family and bundle.family != config.model.family:
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
     if bundle.tokenizer is None:
@@ -246,17 +244,16 @@ def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     """mode=eval: evaluates `eval.checkpoint` (orbax:/hf:/gguf:) alone; writes WORKDIR/eval.json."""
     config_check.check(config)
     source = config.eval.checkpoint
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules_from_config(config.sharding.rules)
+    layout = sharding.Layout.from_config(config)
     task = load_task(config, workdir)
-    model = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
+    model = models.load(source, dtype=config.model.dtype, layout=layout)
     if model.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
-    mesh = stages.sampling_mesh(mesh)  # multi-host: each host evaluates on its own devices
-    model = stages.bundle_on(model, mesh, rules)
+    layout = stages.sampling_layout(layout)  # multi-host: each host evaluates on its own devices
+    model = stages.bundle_on(model, layout)
     out = absolute(workdir)
     results = evaluation.evaluate(
-        model, task.eval_sets, config.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), mesh=mesh,
+        model, task.eval_sets, config.sampling.eval, prompt_fn=lambda q: stages.prompt_ids(model, q), layout=layout,
         progress=config.progress, out_dir=out, pass_at_k=config.eval.pass_at_k,
         pass_at_k_temperature=config.eval.pass_at_k_temperature, seed=config.seed,
     )

@@ -4,11 +4,17 @@ Every parameter and key activation carries logical axis names (`vocab`, `embed`,
 `DEFAULT_RULES` maps them to the mesh axes `data`, `fsdp` and `tensor` (t5x/MaxText style); a config
 may override the table (`config.sharding.rules`). A mesh axis that does not divide a parameter's
 dimension is dropped for that parameter (e.g. 3 KV heads on a 2-way `tensor` axis are replicated).
+
+A `Layout` is the mesh and the rules together, made once per run (`Layout.from_config`) and passed
+to whatever places params or batches or traces sharded code (t5x's partitioner plays this role):
+`layout.params(boxed)`, `layout.batch(ndim)`, `with layout.activation_rules(): ...`. `Layout()` is
+one device: nothing is placed or constrained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -131,3 +137,63 @@ def activation_rules(mesh: Mesh | None, rules=None):
         return
     with mesh, nn.logical_axis_rules(rules_from_config(rules)):
         yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh (None: one device; an AbstractMesh: planning for devices this host does not have) and
+    the logical-axis rules that map parameter and activation names onto it. Hashable, so compiled
+    programs can specialise on it."""
+
+    mesh: Mesh | AbstractMesh | None = None
+    rules: Any = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", rules_from_config(self.rules))
+
+    @classmethod
+    def from_config(cls, config, devices: Sequence[jax.Device] | None = None) -> "Layout":
+        """`config.mesh` over `devices` (default all) with `config.sharding.rules`."""
+        return cls(make_mesh(dict(config.mesh), devices), config.sharding.rules)
+
+    def on(self, mesh: Mesh | None) -> "Layout":
+        """The same rules on another mesh (e.g. a host's own devices)."""
+        return dataclasses.replace(self, mesh=mesh)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the leading `batch` axis of activations and host batches is split over."""
+        if self.mesh is None:
+            return ()
+        axes = dict(self.rules).get("batch")
+        return tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None)
+
+    @property
+    def batch_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.batch_axes) if self.mesh is not None else 1
+
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return logical_to_sharding(axes, shape, self.mesh, self.rules)
+
+    def params(self, boxed_abstract: Any) -> Any:
+        """Shardings of every parameter (boxed abstract params in); None on one device."""
+        return param_shardings(boxed_abstract, self.mesh, self.rules) if self.mesh is not None else None
+
+    def batch(self, ndim: int) -> NamedSharding | None:
+        """Sharding of an array whose leading axis is `batch`; None on one device."""
+        return batch_sharding(self.mesh, ndim, self.rules) if self.mesh is not None else None
+
+    def replicated(self) -> NamedSharding | None:
+        return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+
+    def activation_rules(self):
+        """Context under which `nn.with_logical_constraint` inside models resolves on this layout."""
+        return activation_rules(self.mesh, self.rules)
+
+
+def as_layout(layout: Layout | None = None, mesh: Mesh | None = None) -> Layout:
+    """The public entry points' `layout=` or, kept for compatibility, `mesh=` (with DEFAULT_RULES)."""
+    if layout is not None and mesh is not None:
+        raise ValueError("pass layout= or mesh=, not both (a layout holds its mesh)")
+    return layout if layout is not None else Layout(mesh)
+

@@ -7,7 +7,9 @@
 from `dpost.models.shapes`, so nothing is downloaded or allocated and a laptop plans any pod size.
 """
 
-from dpost.memory.planner import Plan, StageRow, check_fits, check_run, default_device_memory, plan
+from dpost.memory.planner import (Plan, StageRow, check_fits, check_run, default_device_memory, plan,
+                                  planning_layout)
 from dpost.memory.report import format_plan
 
-__all__ = ["Plan", "StageRow", "plan", "check_fits", "check_run", "default_device_memory", "format_plan"]
+__all__ = ["Plan", "StageRow", "plan", "planning_layout", "check_fits", "check_run", "default_device_memory",
+           "format_plan"]

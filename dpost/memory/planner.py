@@ -17,6 +17,7 @@ import os
 from typing import Any, Mapping
 
 from dpost import sharding
+from dpost.sharding import Layout
 from dpost.memory import report
 from dpost.memory.formulas import (Shape, inference_activations, kv_cache_bytes, sampling_activations,
                                    training_activations)
@@ -131,32 +132,41 @@ def default_device_memory() -> tuple[int | None, str]:
     return ram // n, f"host RAM / {n} local device(s)"
 
 
-def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_bytes: int | None = None, *,
+def planning_layout(config, layout: Layout | Mapping[str, int] | None = None,
+                    num_devices: int | None = None) -> Layout:
+    """`layout` on an abstract mesh of its shape; a mesh shape (default config.mesh, a -1 resolved
+    against num_devices, default jax.device_count()) gets config.sharding.rules."""
+    if isinstance(layout, Layout):
+        sizes = dict(layout.mesh.shape) if layout.mesh is not None else {}
+        return layout.on(sharding.abstract_mesh(sharding.mesh_shape(sizes or {"data": 1})))
+    sizes = sharding.mesh_shape(layout if layout is not None else dict(config.mesh), num_devices)
+    return Layout(sharding.abstract_mesh(sizes), config.sharding.rules)
+
+
+def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory_bytes: int | None = None, *,
          num_devices: int | None = None, memory_source: str | None = None, config_name: str = "") -> Plan:
-    """Per-device memory of every stage of `config` on a mesh of `mesh_shape` (default config.mesh).
+    """Per-device memory of every stage of `config` laid out by `layout` (the run's `Layout`, or a
+    mesh shape planned with config.sharding.rules; default config.mesh): see `planning_layout`.
 
     device_memory_bytes None: read from the first device (memory_stats) or host RAM (CPU).
-    num_devices resolves a -1 in the mesh (default: jax.device_count()).
     """
     model = model_shapes(config)
-    rules = sharding.rules_from_config(config.sharding.rules if "sharding" in config else None)
-    sizes = sharding.mesh_shape(mesh_shape if mesh_shape is not None else dict(config.mesh), num_devices)
+    layout = planning_layout(config, layout, num_devices)
+    sizes = dict(layout.mesh.shape)
     n_devices = math.prod(sizes.values())
     if device_memory_bytes is None:
         device_memory_bytes, source = default_device_memory()
         memory_source = memory_source or source
     memory_source = memory_source or "given"
 
-    info = param_info(model, sizes, rules)
+    info = param_info(model, layout)
     widths = dims(model.family, model.config)
     a = _dtype_bytes(model.config.dtype)
-    split = lambda logical, dim: dim // shards(logical, dim, sizes, rules)  # noqa: E731
+    split = lambda logical, dim: dim // shards(logical, dim, layout)  # noqa: E731
     s = Shape(a=a, d=widths["d"], f=split("act_mlp", widths["f"]), h=split("act_heads", widths["heads"]),
               k=split("kv_heads", widths["kv_heads"]), dh=widths["head_dim"], v=split("act_vocab", widths["vocab"]),
               layers=widths["layers"], dec_layers=widths["dec_layers"])
-    batch_shards = math.prod(
-        sizes[ax] for ax in _as_tuple(dict(rules).get("batch")) if ax in sizes
-    )
+    batch_shards = layout.batch_shards
     p, c = int(config.data.max_prompt_len), int(config.data.max_target_len)
     remat = bool(model.config.remat)
     chunk = int(config.model.logits_chunk)
@@ -251,12 +261,6 @@ def plan(config, mesh_shape: Mapping[str, int] | None = None, device_memory_byte
     )
 
 
-def _as_tuple(axes) -> tuple:
-    if axes is None:
-        return ()
-    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-
-
 def check_fits(plan: Plan) -> None:
     """Raises ValueError naming the (most) over-budget stage this run executes and its largest term."""
     over = plan.over_budget()
@@ -283,11 +287,11 @@ def _hint(stage: str, term: str) -> str:
 
 
 
-def check_run(config, mesh_shape: Mapping[str, int], device_memory_bytes: int | None = None) -> Plan | None:
+def check_run(config, layout: Layout | Mapping[str, int], device_memory_bytes: int | None = None) -> Plan | None:
     """Refuses, with the numbers, a run that cannot fit in device memory; when the model's shapes
     cannot be read before loading it (a hub id neither known nor cached), warns and lets it run."""
     try:
-        memory_plan = plan(config, mesh_shape, device_memory_bytes)
+        memory_plan = plan(config, layout, device_memory_bytes)
     except UnknownShapes as err:
         log.warning("memory plan: cannot estimate (%s); the run goes on without a memory check", err)
         return None

@@ -1,16 +1,15 @@
-"""How a model's parameters and widths split over a mesh: per-device bytes from each leaf's
+"""How a model's parameters and widths split by a `Layout`: per-device bytes from each leaf's
 logical axes, read on an abstract mesh (no devices), so a laptop plans any pod size."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
-
 import flax.linen as nn
 import jax
 
 from dpost import sharding
+from dpost.sharding import Layout
 from dpost.models import sources
 from dpost.models.registry import get_family
 from dpost.models.shapes import ModelShapes
@@ -25,10 +24,9 @@ def dims(family: str, cfg) -> dict:
                 vocab=cfg.vocab_size, layers=cfg.num_layers, dec_layers=cfg.num_decoder_layers)
 
 
-def shards(logical: str, dim: int, sizes: Mapping[str, int], rules) -> int:
-    """How many ways a dimension of size `dim` with logical name `logical` is split on this mesh."""
-    s = sharding.logical_to_sharding((logical,), (dim,), sharding.abstract_mesh(sizes), rules)
-    return dim // s.shard_shape((dim,))[0]
+def shards(logical: str, dim: int, layout: Layout) -> int:
+    """How many ways a dimension of size `dim` with logical name `logical` is split by the layout."""
+    return dim // layout.sharding((logical,), (dim,)).shard_shape((dim,))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +39,13 @@ class ParamInfo:
     rest_gathered: int  # non-layer params (embedding, head, norms) after the fsdp all-gather
 
 
-def param_info(model: ModelShapes, sizes: Mapping[str, int], rules=None) -> ParamInfo:
-    """Per-device parameter bytes from each leaf's PartitionSpec on a mesh of `sizes`."""
-    rules = sharding.rules_from_config(rules)
+def param_info(model: ModelShapes, layout: Layout) -> ParamInfo:
+    """Per-device parameter bytes from each leaf's logical axes, laid out by `layout` (its mesh may
+    be abstract)."""
     boxed = sources.abstract_params(get_family(model.family), model.config)
     shapes = nn.unbox(boxed)
     names = nn.get_partition_spec(boxed)
-    mesh = sharding.abstract_mesh(sizes)
-    gathered_mesh = sharding.abstract_mesh({**sizes, "fsdp": 1, "data": 1})
+    gathered = layout.on(sharding.abstract_mesh({**dict(layout.mesh.shape), "fsdp": 1, "data": 1}))
     leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
     specs = jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     count = per_device = rest = layers_total = 0
@@ -57,9 +54,8 @@ def param_info(model: ModelShapes, sizes: Mapping[str, int], rules=None) -> Para
         key = tuple(str(getattr(k, "key", k)) for k in path)
         axes = tuple(spec_names)
         count += math.prod(x.shape)
-        shard = sharding.logical_to_sharding(axes, x.shape, mesh, rules).shard_shape(x.shape)
-        per_device += math.prod(shard) * 4
-        full = math.prod(sharding.logical_to_sharding(axes, x.shape, gathered_mesh, rules).shard_shape(x.shape)) * 4
+        per_device += math.prod(layout.sharding(axes, x.shape).shard_shape(x.shape)) * 4
+        full = math.prod(gathered.sharding(axes, x.shape).shard_shape(x.shape)) * 4
         if "layers" in axes:
             stack = "/".join(str(k) for k in key[: key.index("layers")]) if "layers" in key else "layers"
             layer[stack or "layers"] = layer.get(stack or "layers", 0) + full // x.shape[axes.index("layers")]

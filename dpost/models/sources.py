@@ -40,10 +40,6 @@ def abstract_params(family: Family, config) -> Any:
     return jax.eval_shape(lambda: family.init_params(config, jax.random.key(0)))
 
 
-def target_shardings(boxed_abstract, mesh, rules):
-    return sharding_lib.param_shardings(boxed_abstract, mesh, rules) if mesh is not None else None
-
-
 def _with_dtype(config, dtype: str):
     return dataclasses.replace(config, dtype=str(np.dtype(dtype)) if dtype != "bfloat16" else "bfloat16")
 
@@ -230,12 +226,12 @@ def _local_copy(path) -> str:
     return local
 
 
-def restore_orbax_params(params_path, boxed_abstract, mesh, rules, source: str):
+def restore_orbax_params(params_path, boxed_abstract, layout: sharding_lib.Layout, source: str):
     """Restores params into their shardings; a mismatch names the key and both shapes."""
     import orbax.checkpoint as ocp
 
     abstract = nn.unbox(boxed_abstract)
-    shardings = target_shardings(boxed_abstract, mesh, rules)
+    shardings = layout.params(boxed_abstract)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
@@ -301,18 +297,21 @@ def _save_tokenizer(tokenizer, path) -> None:
 
 # -- public ---------------------------------------------------------------------------------------
 
-def load(source: str, dtype: str = "float32", mesh=None, rules=None, tokenizer: Any = None) -> ModelBundle:
-    """Loads a model from `hf:`, `gguf:` or `orbax:`; params go straight into their shardings."""
+def load(source: str, dtype: str = "float32", mesh=None, *, layout: sharding_lib.Layout | None = None,
+         tokenizer: Any = None) -> ModelBundle:
+    """Loads a model from `hf:`, `gguf:` or `orbax:`; params go straight into their shardings by
+    `layout` (mesh + rules; `mesh=` alone: that mesh with the default rules; neither: one device)."""
+    layout = sharding_lib.as_layout(layout, mesh)
     scheme, location = split_source(source)
     loader = {"hf": _from_hf, "gguf": _from_gguf, "orbax": _from_orbax}[scheme]
     family, config, getter, loaded_tokenizer = loader(location, source)
     config = _with_dtype(config, dtype)
     boxed = abstract_params(family, config)
     if scheme == "orbax":
-        params = restore_orbax_params(getter, boxed, mesh, rules, source)
+        params = restore_orbax_params(getter, boxed, layout, source)
     else:
         params = convert.import_params(
-            family.hf_rules(config), getter, nn.unbox(boxed), target_shardings(boxed, mesh, rules),
+            family.hf_rules(config), getter, nn.unbox(boxed), layout.params(boxed),
             _num_layers(config), source,
         )
     return ModelBundle(
@@ -321,7 +320,7 @@ def load(source: str, dtype: str = "float32", mesh=None, rules=None, tokenizer: 
         params=params,
         tokenizer=tokenizer if tokenizer is not None else loaded_tokenizer,
         config=config,
-        mesh=mesh,
+        layout=layout,
         source=source,
     )
 
@@ -330,14 +329,16 @@ def _num_layers(config) -> int:
     return int(config.num_layers)
 
 
-def init_random(family_name: str, config, tokenizer=None, seed: int = 0, mesh=None, rules=None) -> ModelBundle:
+def init_random(family_name: str, config, tokenizer=None, seed: int = 0, mesh=None, *,
+                layout: sharding_lib.Layout | None = None) -> ModelBundle:
     """A randomly initialised model (tests, from-scratch tiny models), created in its shardings."""
+    layout = sharding_lib.as_layout(layout, mesh)
     family = get_family(family_name)
     boxed = abstract_params(family, config)
-    shardings = target_shardings(boxed, mesh, rules)
+    shardings = layout.params(boxed)
     init = lambda rng: nn.unbox(family.init_params(config, rng))  # noqa: E731
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return ModelBundle(family_name, family.make_module(config), params, tokenizer, config, mesh, f"random:{seed}")
+    return ModelBundle(family_name, family.make_module(config), params, tokenizer, config, layout, f"random:{seed}")
 
 
 def export_hf(bundle: ModelBundle, out_dir: str) -> None:

@@ -137,7 +137,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
         # Placed as models.load places checkpoint tensors: one device_put per tensor into its sharding.
         shardings = sharding.param_shardings(boxed, mesh)
         params = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
-        info = param_info(ModelShapes("llama", cfg, "test", "test"), sharding.mesh_shape(shape))
+        layout = sharding.Layout(sharding.abstract_mesh(sharding.mesh_shape(shape)))
+        info = param_info(ModelShapes("llama", cfg, "test", "test"), layout)
         device0 = jax.devices()[0]
         held = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards
                    if s.device == device0)
