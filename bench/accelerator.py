@@ -10,7 +10,7 @@
 Models (random weights, fp32 masters, compute in --dtype):
   llama-1b       Llama-shaped, TinyLlama-1.1B dimensions (d 2048, MLP 5632, 22 layers, 32 heads,
                  4 KV heads, vocab 32000): 1.1 B parameters
-  flan-t5-large  Flan-T5-Large dimensions (dpost.plan.KNOWN_HF_CONFIGS): 0.78 B parameters
+  flan-t5-large  Flan-T5-Large dimensions (dpost/models/t5/known.py): 0.78 B parameters
 
 Rows:
   sft      one `training.make_sft_step` update on --batch sequences per device
@@ -82,9 +82,9 @@ def llama_1b(dtype: str) -> LlamaConfig:
 
 def flan_t5_large(dtype: str) -> T5Config:
     from dpost.models.t5.params import config_from_hf
-    from dpost.plan import KNOWN_HF_CONFIGS
+    from dpost.models.t5.known import HF_CONFIGS
 
-    return dataclasses.replace(config_from_hf(KNOWN_HF_CONFIGS["google/flan-t5-large"]), dtype=dtype)
+    return dataclasses.replace(config_from_hf(HF_CONFIGS["google/flan-t5-large"]), dtype=dtype)
 
 
 def tiny_llama(dtype: str) -> LlamaConfig:
@@ -164,7 +164,7 @@ def _state_shardings(family, cfg, tx, mesh):
     import flax.linen as nn
 
     boxed = sources.abstract_params(get_family(family), cfg)
-    return training.state_shardings(sharding.param_shardings(boxed, mesh), tx, nn.unbox(boxed), mesh)
+    return training.state_shardings(sharding.param_shardings(boxed, mesh), tx, nn.unbox(boxed), sharding.Layout(mesh))
 
 
 def _random_batch(rng, rows: int, prompt: int, target: int, vocab: int, dpo: bool) -> dict:
@@ -194,9 +194,9 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
     rows = rows_per_device * n_dev
     rng = np.random.default_rng(0)
     if stage == "sft":
-        step = training.make_sft_step(bundle.module, tx, lr_schedule=training.make_schedule(opt), mesh=mesh,
+        step = training.make_sft_step(bundle.module, tx, lr_schedule=training.make_schedule(opt), layout=sharding.Layout(mesh),
                                       state_shardings=st_sh, logits_chunk=args.logits_chunk)
-        batch = training.put_batch(_random_batch(rng, rows, shapes.prompt, shapes.target, cfg.vocab_size, False), mesh)
+        batch = training.put_batch(_random_batch(rng, rows, shapes.prompt, shapes.target, cfg.vocab_size, False), sharding.Layout(mesh))
         extra = ()
         flops = train_flops(family, cfg, rows, shapes.prompt, shapes.target)
         sequences = rows
@@ -204,7 +204,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
     else:
         pairs = max(1, rows // 2)
         dpo_cfg = training.DPOConfig(reference=args.dpo_reference)
-        step = training.make_dpo_step(bundle.module, tx, dpo_cfg, lr_schedule=training.make_schedule(opt), mesh=mesh,
+        step = training.make_dpo_step(bundle.module, tx, dpo_cfg, lr_schedule=training.make_schedule(opt), layout=sharding.Layout(mesh),
                                       state_shardings=st_sh, ref_shardings=st_sh.params if st_sh else None,
                                       logits_chunk=args.logits_chunk)
         host = _random_batch(rng, pairs, shapes.prompt, shapes.target, cfg.vocab_size, True)
@@ -213,7 +213,7 @@ def bench_train(name, family, cfg, bundle, stage, rows_per_device, shapes: Shape
             extra = (bundle.params,)
         else:
             extra = ()
-        batch = training.put_batch(host, mesh)
+        batch = training.put_batch(host, sharding.Layout(mesh))
         flops = train_flops(family, cfg, 2 * pairs, shapes.prompt, shapes.target)
         if args.dpo_reference == "in_step":
             flops += forward_flops(family, cfg, 2 * pairs, shapes.prompt, shapes.target)
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
 
     mesh = None
     if args.mesh:
-        from dpost.plan import parse_mesh
+        from dpost.memory.__main__ import parse_mesh
 
         mesh = sharding.make_mesh(parse_mesh(args.mesh))
     n_dev = mesh.size if mesh is not None else 1

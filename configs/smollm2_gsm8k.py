@@ -25,7 +25,7 @@ def get_config():
     c = defaults.base_config()
     c.model.source = smollm2_gguf()
     c.model.family = "llama"
-    c.model.remat = True  # without it SFT/DPO activations exceed a 24 GB CPU host (python -m dpost.plan)
+    c.model.remat = True  # without it SFT/DPO activations exceed a 24 GB CPU host (python -m dpost.memory)
     c.data.source = "local"
     c.data.max_train = 64
     c.data.max_eval = 64

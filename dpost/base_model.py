@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 
 from dpost import models, pretrain
+from dpost.sharding import Layout
 from dpost.data.task import Task
 from dpost.models.bundle import ModelBundle
 
 
-def load(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
-    """M0 on `mesh` and, for source=pretrain, its pre-training record (time, FLOPs, cache)."""
+def load(config, task: Task, layout: Layout) -> tuple[ModelBundle, dict | None]:
+    """M0 laid out by `layout` and, for source=pretrain, its pre-training record (time, FLOPs, cache)."""
     source = config.model.source
     if source == "pretrain":
-        return pretrain.pretrained_m0(config, mesh, rules)
+        return pretrain.pretrained_m0(config, layout)
     if source == "scratch":
-        return _scratch(config, task, mesh, rules), None
-    bundle = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
+        return _scratch(config, task, layout), None
+    bundle = models.load(source, dtype=config.model.dtype, layout=layout)
     if config.model.family and bundle.family != config.model.family:
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
     if bundle.tokenizer is None:
@@ -32,11 +33,11 @@ def load(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict | None]:
     return bundle, None
 
 
-def _scratch(config, task: Task, mesh, rules) -> ModelBundle:
+def _scratch(config, task: Task, layout: Layout) -> ModelBundle:
     from dpost.data import synthetic
 
     if task.tokenizer_dir is None:
         raise ValueError("config field 'model.source' = scratch needs data.source = synthetic (its tokenizer)")
     tokenizer = synthetic.load_tokenizer(task.tokenizer_dir)
     model_config = pretrain.scratch_model_config(config, tokenizer)
-    return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, mesh=mesh, rules=rules)
+    return models.init_random(config.model.family, model_config, tokenizer, seed=config.seed, layout=layout)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from dpost import base_model, config_check, evaluation, plan, reports, sharding, stages
+from dpost import base_model, config_check, evaluation, memory, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
@@ -66,8 +66,7 @@ class Run:
     rundir: RunDir
     task: Task
     base: ModelBundle  # M0: every SFT_k restarts from it
-    mesh: Any
-    rules: Any
+    layout: sharding.Layout  # mesh + logical-axis rules, made once from config.mesh and config.sharding.rules
     pretrain: dict | None = None  # model.source=pretrain: M0's pre-training (time, FLOPs, cache)
 
     @property
@@ -78,7 +77,7 @@ class Run:
         return self.rundir.stage(iteration, name)
 
     def load(self, stage: StageDir) -> ModelBundle:
-        return stages.load_stage_model(stage, self.mesh, self.rules, self.config.model.dtype)
+        return stages.load_stage_model(stage, self.layout, self.config.model.dtype)
 
     def seed(self, iteration: int, salt: Salt) -> int:
         return stages.stage_seed(self.config.seed, iteration, salt)
@@ -120,13 +119,13 @@ def run(config, workdir: str, config_path: str = "") -> dict:
 def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]]) -> tuple[ModelBundle, dict]:
     stage = r.stage(iteration, "sft")
     return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, Salt.SFT),
-                                                 mesh=r.mesh, rules=r.rules), load=r.load)
+                                                 layout=r.layout), load=r.load)
 
 
 def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict]) -> tuple[ModelBundle, dict]:
     stage = r.stage(iteration, "dpo")
     return stage.cached(lambda: stages.dpo_stage(policy, pairs, r.config, stage, seed=r.seed(iteration, Salt.DPO),
-                                                 mesh=r.mesh, rules=r.rules), load=r.load)
+                                                 layout=r.layout), load=r.load)
 
 
 def sample(r: Run, iteration: int, sampling: Sampling, model: ModelBundle) -> tuple[dict[str, list[dict]], dict]:
@@ -134,8 +133,8 @@ def sample(r: Run, iteration: int, sampling: Sampling, model: ModelBundle) -> tu
     stage = r.stage(iteration, sampling.stage)
     scfg = r.config.sampling[sampling.config_field]
     return stage.cached(lambda: stages.sample_stage(model, r.task.train, scfg, stage,
-                                                    seed=r.seed(iteration, sampling.salt), mesh=r.mesh,
-                                                    rules=r.rules, progress=r.config.progress),
+                                                    seed=r.seed(iteration, sampling.salt), layout=r.layout,
+                                                    progress=r.config.progress),
                         load=stages.read_samples)
 
 
@@ -165,7 +164,7 @@ def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle) -> dic
     stage = r.stage(iteration, f"eval_{trained_by}")
 
     def run_evaluation():
-        results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, mesh=r.mesh, rules=r.rules,
+        results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, layout=r.layout,
                                                   out_dir=stage.path, seed=r.seed(iteration, Salt.EVAL))
         log.info("%s: %s", name, json.dumps(results))
         return None, dict(model=name, eval=results)  # the results live in the manifest
@@ -190,13 +189,11 @@ def write_results(r: Run, entries: list[dict]) -> dict:
 def setup(config, workdir: str, config_path: str) -> Run:
     rundir = RunDir(workdir, config, config_path)
     rundir.guard_config()
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules_from_config(config.sharding.rules)
-    memory_plan = plan.plan(config, dict(mesh.shape), None)
-    plan.check_fits(memory_plan)  # refuse, with the numbers, a run that cannot fit in device memory
+    layout = sharding.Layout.from_config(config)
+    memory.check_run(config, layout)
     task = load_task(config, workdir)
-    base, pretrain_info = base_model.load(config, task, mesh, rules)
+    base, pretrain_info = base_model.load(config, task, layout)
     log.info("run %s: %s, %d train questions (%d labeled), eval sets %s, mesh %s", workdir, base.source,
              len(task.train), sum(1 for ex in task.train if ex.answer),
-             {k: len(v) for k, v in task.eval_sets.items()}, dict(mesh.shape))
-    return Run(config, rundir, task, base, mesh, rules, pretrain_info)
+             {k: len(v) for k, v in task.eval_sets.items()}, dict(layout.mesh.shape))
+    return Run(config, rundir, task, base, layout, pretrain_info)

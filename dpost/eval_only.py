@@ -22,14 +22,13 @@ def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     (the same on every process; process 0 writes it)."""
     config_check.check(config)
     source = config.eval.checkpoint
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules_from_config(config.sharding.rules)
+    layout = sharding.Layout.from_config(config)
     task = load_task(config, workdir)
-    model = models.load(source, dtype=config.model.dtype, mesh=mesh, rules=rules)
+    model = models.load(source, dtype=config.model.dtype, layout=layout)
     if model.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
     out = absolute(workdir)
-    results = evaluation.evaluate_with_config(model, task.eval_sets, config, mesh=mesh, rules=rules, out_dir=out,
+    results = evaluation.evaluate_with_config(model, task.eval_sets, config, layout=layout, out_dir=out,
                                               seed=config.seed)
     doc = reports.results_document(config_path, "eval", config.seed, [reports.eval_entry(source, results)])
     if jax.process_index() == 0:

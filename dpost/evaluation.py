@@ -10,9 +10,10 @@ import numpy as np
 from etils import epath
 
 from dpost import sampling
-from dpost.stages import bundle_on, prompt_ids, prompts_per_batch, sampling_mesh
+from dpost.stages import bundle_on, prompt_ids, prompts_per_batch, sampling_layout
 from dpost.data.gsm8k import Example, extract_answer, is_correct
 from dpost.models.bundle import ModelBundle
+from dpost.sharding import Layout
 from dpost.workdir import write_jsonl_atomic
 
 
@@ -42,7 +43,7 @@ def score(examples: Sequence[Example], completions: Sequence[Sequence[str]]) -> 
     return out
 
 
-def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, prompt_fn, mesh=None,
+def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, prompt_fn, layout: Layout | None = None,
              progress: bool = True, out_dir: epath.Path | None = None, pass_at_k: int = 0,
              pass_at_k_temperature: float = 0.7, seed: int = 0) -> dict[str, dict]:
     """{set name: {"accuracy", "invalid", "n"[, "pass@k", "maj@k"]}}; predictions saved per set."""
@@ -51,7 +52,7 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
         prompts = [prompt_fn(ex.question) for ex in examples]
         greedy = sampling.generate(
             bundle, prompts, num_samples=1, max_new_tokens=scfg.max_new_tokens, temperature=0.0,
-            calculator=scfg.calculator, mesh=mesh, batch_size=prompts_per_batch(scfg), progress=progress,
+            calculator=scfg.calculator, layout=layout, batch_size=prompts_per_batch(scfg), progress=progress,
             length_buckets=scfg.length_buckets or None, batching=scfg.batching,
         )
         texts = [[s.text for s in outs] for outs in greedy]
@@ -59,7 +60,7 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
         if pass_at_k > 1:
             sampled = sampling.generate(
                 bundle, prompts, num_samples=pass_at_k, max_new_tokens=scfg.max_new_tokens,
-                temperature=pass_at_k_temperature, calculator=scfg.calculator, mesh=mesh,
+                temperature=pass_at_k_temperature, calculator=scfg.calculator, layout=layout,
                 batch_size=prompts_per_batch(scfg), progress=progress, seed=seed,
                 length_buckets=scfg.length_buckets or None, batching=scfg.batching,
             )
@@ -74,15 +75,15 @@ def evaluate(bundle: ModelBundle, eval_sets: dict[str, list[Example]], scfg, *, 
     return results
 
 
-def evaluate_with_config(bundle: ModelBundle, eval_sets: dict[str, list[Example]], config, *, mesh, rules,
+def evaluate_with_config(bundle: ModelBundle, eval_sets: dict[str, list[Example]], config, *, layout: Layout,
                          out_dir: epath.Path, seed: int) -> dict[str, dict]:
     """`evaluate` as a run's config sets it up (`sampling.eval`, `eval.pass_at_k`, ...). Multi-host:
     every host evaluates on its own devices (outputs of the global mesh are not fetchable by one
     host); the results are the same on every host, process 0 writes the predictions."""
-    mesh = sampling_mesh(mesh)
-    bundle = bundle_on(bundle, mesh, rules)
+    layout = sampling_layout(layout)
+    bundle = bundle_on(bundle, layout)
     return evaluate(
-        bundle, eval_sets, config.sampling.eval, prompt_fn=lambda q: prompt_ids(bundle, q), mesh=mesh,
+        bundle, eval_sets, config.sampling.eval, prompt_fn=lambda q: prompt_ids(bundle, q), layout=layout,
         progress=config.progress, out_dir=out_dir, pass_at_k=config.eval.pass_at_k,
         pass_at_k_temperature=config.eval.pass_at_k_temperature, seed=seed,
     )

@@ -29,6 +29,7 @@ from etils import epath
 from dpost import models
 from dpost.data import synthetic
 from dpost.models.bundle import ModelBundle
+from dpost.sharding import Layout
 from dpost.workdir import StageDir, absolute, flatten_config
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _lock(path: epath.Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def pretrained_m0(config, mesh=None, rules=None) -> tuple[ModelBundle, dict]:
+def pretrained_m0(config, layout: Layout = Layout()) -> tuple[ModelBundle, dict]:
     """M0 and its pre-training manifest (seconds, FLOPs, steps, `cache` folder, `reused`)."""
     from dpost import stages  # stages imports the model and training stacks; keep this module light
 
@@ -106,9 +107,9 @@ def pretrained_m0(config, mesh=None, rules=None) -> tuple[ModelBundle, dict]:
         tokenizer = synthetic.train_tokenizer(synthetic.tokenizer_corpus(examples), str(root / "tokenizer"),
                                               int(config.model.scratch.get("tokenizer_vocab_size", 512)))
         base = models.init_random(config.model.family, scratch_model_config(config, tokenizer), tokenizer,
-                                  seed=config.pretrain.seed, mesh=mesh, rules=rules)
+                                  seed=config.pretrain.seed, layout=layout)
         return stages.sft_stage(base, stages.gold_labels(examples, config.model.family), training_config(config),
-                                stage, seed=config.pretrain.seed, mesh=mesh, rules=rules)
+                                stage, seed=config.pretrain.seed, layout=layout)
 
     reused = stage.done()
     if not reused:
@@ -116,7 +117,7 @@ def pretrained_m0(config, mesh=None, rules=None) -> tuple[ModelBundle, dict]:
             reused = stage.done()  # another process may have built it while this one waited
             stage.cached(build, load=lambda done: None)
     # Loaded back also when just built: M0 is the same model whether built now or reused.
-    bundle = stages.load_stage_model(stage, mesh, rules, config.model.dtype)
+    bundle = stages.load_stage_model(stage, layout, config.model.dtype)
     manifest = stage.manifest()
     info = {k: manifest[k] for k in ("seconds", "flops", "steps", "examples", "final_loss") if k in manifest}
     return bundle, dict(info, cache=str(root), reused=reused)

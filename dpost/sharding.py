@@ -4,18 +4,24 @@ Every parameter and key activation carries logical axis names (`vocab`, `embed`,
 `DEFAULT_RULES` maps them to the mesh axes `data`, `fsdp` and `tensor` (t5x/MaxText style); a config
 may override the table (`config.sharding.rules`). A mesh axis that does not divide a parameter's
 dimension is dropped for that parameter (e.g. 3 KV heads on a 2-way `tensor` axis are replicated).
+
+A `Layout` is the mesh and the rules together, made once per run (`Layout.from_config`) and passed
+to whatever places params or batches or traces sharded code (t5x's partitioner plays this role):
+`layout.params(boxed)`, `layout.batch(ndim)`, `with layout.activation_rules(): ...`. `Layout()` is
+one device: nothing is placed or constrained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -40,24 +46,40 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor); one size may be -1 meaning "all remaining devices"."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(shape: Mapping[str, int] | None = None, num_devices: int | None = None) -> dict[str, int]:
+    """{data, fsdp, tensor} sizes of `shape`; one size may be -1 meaning "all remaining devices" of
+    `num_devices` (default jax.device_count()). Missing axes are 1."""
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
-    if sizes.count(-1) > 1:
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
         raise ValueError(f"mesh {shape}: at most one axis may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    if free:
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh {shape}: {num_devices} devices are not divisible by {known}")
+        sizes[free[0]] = num_devices // known
+    if any(size < 1 for size in sizes.values()):
+        raise ValueError(f"mesh {shape}: sizes must be positive")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor) over `devices` (default all); see `mesh_shape`."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(shape, len(devices))
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+    """A mesh of `sizes` without devices: shardings and shard shapes for a pod this host is not on."""
+    return AbstractMesh(tuple(int(sizes[axis]) for axis in MESH_AXES), MESH_AXES)
 
 
 def rules_from_config(rules: Any | None) -> tuple[tuple[str, Any], ...]:
@@ -115,3 +137,63 @@ def activation_rules(mesh: Mesh | None, rules=None):
         return
     with mesh, nn.logical_axis_rules(rules_from_config(rules)):
         yield
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh (None: one device; an AbstractMesh: planning for devices this host does not have) and
+    the logical-axis rules that map parameter and activation names onto it. Hashable, so compiled
+    programs can specialise on it."""
+
+    mesh: Mesh | AbstractMesh | None = None
+    rules: Any = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", rules_from_config(self.rules))
+
+    @classmethod
+    def from_config(cls, config, devices: Sequence[jax.Device] | None = None) -> "Layout":
+        """`config.mesh` over `devices` (default all) with `config.sharding.rules`."""
+        return cls(make_mesh(dict(config.mesh), devices), config.sharding.rules)
+
+    def on(self, mesh: Mesh | None) -> "Layout":
+        """The same rules on another mesh (e.g. a host's own devices)."""
+        return dataclasses.replace(self, mesh=mesh)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the leading `batch` axis of activations and host batches is split over."""
+        if self.mesh is None:
+            return ()
+        axes = dict(self.rules).get("batch")
+        return tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None)
+
+    @property
+    def batch_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.batch_axes) if self.mesh is not None else 1
+
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return logical_to_sharding(axes, shape, self.mesh, self.rules)
+
+    def params(self, boxed_abstract: Any) -> Any:
+        """Shardings of every parameter (boxed abstract params in); None on one device."""
+        return param_shardings(boxed_abstract, self.mesh, self.rules) if self.mesh is not None else None
+
+    def batch(self, ndim: int) -> NamedSharding | None:
+        """Sharding of an array whose leading axis is `batch`; None on one device."""
+        return batch_sharding(self.mesh, ndim, self.rules) if self.mesh is not None else None
+
+    def replicated(self) -> NamedSharding | None:
+        return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+
+    def activation_rules(self):
+        """Context under which `nn.with_logical_constraint` inside models resolves on this layout."""
+        return activation_rules(self.mesh, self.rules)
+
+
+def as_layout(layout: Layout | None = None, mesh: Mesh | None = None) -> Layout:
+    """The public entry points' `layout=` or, kept for compatibility, `mesh=` (with DEFAULT_RULES)."""
+    if layout is not None and mesh is not None:
+        raise ValueError("pass layout= or mesh=, not both (a layout holds its mesh)")
+    return layout if layout is not None else Layout(mesh)
+

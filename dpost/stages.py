@@ -14,18 +14,18 @@ written by process 0 only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 import logging
-from etils import epath
 
 from dpost import distributed, faults, models, sampling, training
 from dpost.data import batching, builders, formatting, pipeline
 from dpost.data.gsm8k import Example
 from dpost.distributed import barrier  # noqa: F401 (also the driver's)
 from dpost.models.bundle import ModelBundle
+from dpost.sharding import Layout
 from dpost.workdir import StageDir, read_jsonl, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def stage_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 1))
 
 
-def load_stage_model(stage: StageDir, mesh, rules, dtype: str) -> ModelBundle:
-    return models.load(f"orbax:{stage.path / MODEL_DIR}", dtype=dtype, mesh=mesh, rules=rules)
+def load_stage_model(stage: StageDir, layout: Layout, dtype: str) -> ModelBundle:
+    return models.load(f"orbax:{stage.path / MODEL_DIR}", dtype=dtype, layout=layout)
 
 
 def optimizer_config(opt_cfg, total_steps: int) -> training.OptimizerConfig:
@@ -62,12 +62,12 @@ def prompt_ids(bundle: ModelBundle, question: str) -> list[int]:
     return pipeline.encode_prompt(bundle.tokenizer, bundle.family, formatting.format_prompt(bundle.family, question))
 
 
-def _train_state(bundle: ModelBundle, optimizer, seed: int, mesh, rules):
+def _train_state(bundle: ModelBundle, optimizer, seed: int, layout: Layout):
     shardings = None
-    if mesh is not None:
+    if layout.mesh is not None:
         boxed = models.sources.abstract_params(models.get_family(bundle.family), bundle.config)
-        param_sh = models.sources.target_shardings(boxed, mesh, rules)
-        shardings = training.state_shardings(param_sh, optimizer, jax.tree.map(lambda x: x, bundle.params), mesh)
+        shardings = training.state_shardings(layout.params(boxed), optimizer, jax.tree.map(lambda x: x, bundle.params),
+                                             layout)
     return training.create_train_state(bundle.params, optimizer, rng=seed, shardings=shardings), shardings
 
 
@@ -84,32 +84,32 @@ def prompts_per_batch(scfg) -> int:
     return max(1, scfg.batch_size // scfg.num_samples)
 
 
-def sampling_mesh(mesh):
+def sampling_layout(layout: Layout) -> Layout:
     """Sampling shards are split across hosts, so each host samples on its own devices: the global
-    mesh on one host, else a host-local mesh (same axis names and rules) of this host's devices."""
-    if mesh is None or jax.process_count() == 1:
-        return mesh
-    return distributed.host_local_mesh(mesh)
+    layout on one host, else the same rules on a host-local mesh (same axis names) of this host's devices."""
+    if layout.mesh is None or jax.process_count() == 1:
+        return layout
+    return layout.on(distributed.host_local_mesh(layout.mesh))
 
 
-def bundle_on(bundle: ModelBundle, mesh, rules) -> ModelBundle:
-    """The bundle with its params on `mesh` (a collective when the params are multi-host: every
-    host must call it, also one with nothing left to sample)."""
-    if mesh is None or bundle.mesh is None or mesh == bundle.mesh:
+def bundle_on(bundle: ModelBundle, layout: Layout) -> ModelBundle:
+    """The bundle with its params laid out by `layout` (a collective when the params are multi-host:
+    every host must call it, also one with nothing left to sample)."""
+    if layout.mesh is None or bundle.mesh is None or layout == bundle.layout:
         return bundle
     boxed = models.sources.abstract_params(models.get_family(bundle.family), bundle.config)
-    local = models.sources.target_shardings(boxed, mesh, rules)
-    return bundle.replace(params=distributed.params_to_host_local(bundle.params, local), mesh=mesh)
+    local = layout.params(boxed)
+    return bundle.replace(params=distributed.params_to_host_local(bundle.params, local), layout=layout)
 
 
 def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: StageDir, *, seed: int,
-                 mesh=None, rules=None, progress: bool = True) -> tuple[dict[str, list[dict]], dict]:
+                 layout: Layout = Layout(), progress: bool = True) -> tuple[dict[str, list[dict]], dict]:
     """Samples `scfg.num_samples` rationales per question; resumable shard by shard. With several
     hosts, shard i is sampled (and its file written) by host i % process_count on its local mesh;
     after a barrier every host reads all shard files from the shared workdir. Returns the samples
     per question id (`read_samples`) and the manifest fields."""
-    mesh = sampling_mesh(mesh)
-    sampler = bundle_on(bundle, mesh, rules)
+    layout = sampling_layout(layout)
+    sampler = bundle_on(bundle, layout)
     size = scfg.shard_questions
     shards = [examples[i : i + size] for i in range(0, len(examples), size)]
     for index, shard in enumerate(shards):
@@ -122,7 +122,7 @@ def sample_stage(bundle: ModelBundle, examples: Sequence[Example], scfg, stage: 
         outputs = sampling.generate(
             sampler, prompts, num_samples=scfg.num_samples, max_new_tokens=scfg.max_new_tokens,
             temperature=scfg.temperature, top_p=scfg.top_p, top_k=scfg.top_k, seed=stage_seed(seed, index),
-            calculator=scfg.calculator, mesh=mesh, batch_size=prompts_per_batch(scfg), progress=progress,
+            calculator=scfg.calculator, layout=layout, batch_size=prompts_per_batch(scfg), progress=progress,
             length_buckets=scfg.length_buckets or None, batching=scfg.batching,
         )
         rows = []
@@ -236,7 +236,7 @@ def _stage_lengths(items: Sequence[dict], keys: Sequence[str], max_p: int, max_c
 
 
 def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage: StageDir, *, seed: int,
-              mesh=None, rules=None) -> tuple[ModelBundle, dict]:
+              layout: Layout = Layout()) -> tuple[ModelBundle, dict]:
     """SFT from `base` on (prompt_text, target_text) pairs; resumes from the stage's checkpoints.
     Returns the trained model and the manifest fields."""
     tok = pipeline.tokenize_examples(examples, base.tokenizer, base.family,
@@ -250,9 +250,9 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
     steps = max(1, steps)
     opt_cfg = optimizer_config(cfg.sft.optimizer, steps)
     optimizer = training.make_optimizer(opt_cfg)
-    state, shardings = _train_state(base, optimizer, seed, mesh, rules)
+    state, shardings = _train_state(base, optimizer, seed, layout)
     step = training.make_sft_step(base.module, optimizer, lr_schedule=training.make_schedule(opt_cfg),
-                                  grad_accum=cfg.sft.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
+                                  grad_accum=cfg.sft.grad_accum, layout=layout, state_shardings=shardings,
                                   logits_chunk=cfg.model.logits_chunk or None, dropout=cfg.model.dropout)
     p_len, c_len = _stage_lengths(tok.items, ["completion"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     pad = base.pad_token_id
@@ -263,7 +263,7 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
         step, state, data,
         training.LoopConfig(num_steps=steps, log_every=cfg.log_every, save_every=cfg.checkpoint.every_steps,
                             keep=cfg.checkpoint.keep, progress=cfg.progress, name=stage.path.parent.name + "/sft"),
-        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), mesh=mesh, rules=rules,
+        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), layout=layout,
         pad_to=(p_len, c_len), pad_id=pad,
     )
     trained = _save_model(base, result.state.params, stage)
@@ -309,7 +309,7 @@ def _pair_arrays(items, pad_id, p_len, c_len) -> dict[str, np.ndarray]:
 
 
 def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageDir, *, seed: int,
-              mesh=None, rules=None) -> tuple[ModelBundle, dict]:
+              layout: Layout = Layout()) -> tuple[ModelBundle, dict]:
     """DPO_k: init and reference = SFT_{k-1}. Reference log-probs come from the sampler for the
     reference's own samples; the rest (gold rationales, earlier rounds) are scored once here.
     Returns the trained model and the manifest fields."""
@@ -326,7 +326,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
              [(int(i), "rejected") for i in np.flatnonzero(np.isnan(ref_r))]
     if wanted:  # only the sides the sampler did not score (gold rationales, earlier rounds' samples)
         # on this host's devices (multi-host: outputs of the global mesh are not fetchable)
-        scores = _score_sides(bundle_on(policy, sampling_mesh(mesh), rules), arrays, wanted,
+        scores = _score_sides(bundle_on(policy, sampling_layout(layout)), arrays, wanted,
                               logits_chunk=cfg.model.logits_chunk or None)
         for (i, side), score in zip(wanted, scores):
             (ref_c if side == "chosen" else ref_r)[i] = score
@@ -339,9 +339,9 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     dcfg = training.DPOConfig(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
                               rpo_alpha=cfg.dpo.rpo_alpha or None,
                               reference=cfg.dpo.reference)
-    state, shardings = _train_state(policy, optimizer, seed, mesh, rules)
+    state, shardings = _train_state(policy, optimizer, seed, layout)
     step = training.make_dpo_step(policy.module, optimizer, dcfg, lr_schedule=training.make_schedule(opt_cfg),
-                                  grad_accum=cfg.dpo.grad_accum, mesh=mesh, rules=rules, state_shardings=shardings,
+                                  grad_accum=cfg.dpo.grad_accum, layout=layout, state_shardings=shardings,
                                   ref_shardings=shardings.params if shardings is not None else None,
                                   logits_chunk=cfg.model.logits_chunk or None)
     step_fn = step
@@ -350,20 +350,20 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
         step_fn = lambda s, b: step(s, b, ref_params)  # noqa: E731
     data = pipeline.make_array_loader(arrays, batch_size=batch_size // jax.process_count(), seed=seed)
 
-    eval_step = training.make_dpo_eval_step(policy.module, dcfg, mesh=mesh, rules=rules,
+    eval_step = training.make_dpo_eval_step(policy.module, dcfg, layout=layout,
                                             logits_chunk=cfg.model.logits_chunk or None)
     eval_batches = [distributed.host_rows(b) for b in _eval_batches(arrays, cfg.dpo.eval_pairs, batch_size)]
 
     def eval_fn(st):
         return training.evaluate_dpo(eval_step, st.params, eval_batches,
                                      ref_params=policy.params if dcfg.reference == "in_step" else None,
-                                     mesh=mesh, rules=rules)
+                                     layout=layout)
 
     result = training.run(
         step_fn, state, data,
         training.LoopConfig(num_steps=steps, log_every=cfg.log_every, save_every=cfg.checkpoint.every_steps,
                             keep=cfg.checkpoint.keep, progress=cfg.progress, name=stage.path.parent.name + "/dpo"),
-        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), eval_fn=eval_fn, mesh=mesh, rules=rules,
+        workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), eval_fn=eval_fn, layout=layout,
     )
     trained = _save_model(policy, result.state.params, stage)
     last_eval = result.eval_history[-1] if result.eval_history else {}

@@ -69,6 +69,6 @@ if [[ "$PLAN" == 1 ]]; then
   for arg in "$@"; do
     [[ "$arg" == --config.* ]] && overrides+=("$arg")
   done
-  "$PY" -m dpost.plan --config "$CONFIG" --check ${overrides[@]+"${overrides[@]}"}
+  "$PY" -m dpost.memory --config "$CONFIG" --check ${overrides[@]+"${overrides[@]}"}
 fi
 exec "$PY" -m dpost.main --config "$CONFIG" --workdir "$WORKDIR" "$@"

@@ -33,7 +33,7 @@ optional environment:
   MAX_RESTARTS      re-creations / restarts after preemption or failure (default 20)
   JAX_PIP           pip requirement for JAX on TPU (default: jax[tpu])
   DPOST_ENV         extra environment for the run, e.g. "DPOST_DATA_DIR=/data HF_HOME=/tmp/hf"
-  PLAN              1 (default): print `python -m dpost.plan` for the slice first and stop if it does not fit
+  PLAN              1 (default): print `python -m dpost.memory` for the slice first and stop if it does not fit
   DRY_RUN           1: print the gcloud commands instead of running them
 USAGE
 }
@@ -141,7 +141,7 @@ plan_check() {  # the memory plan for the whole slice, on worker 0 (it reads the
     [[ "$arg" == --config.* ]] && overrides+=" $(printf '%q' "$arg")"
   done
   run "${GCLOUD[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=0 --command \
-    "cd ~/dpost && python3 -m dpost.plan --config '$CONFIG' --num_devices $(num_devices) --check$overrides"
+    "cd ~/dpost && python3 -m dpost.memory --config '$CONFIG' --num_devices $(num_devices) --check$overrides"
 }
 
 start_run() {  # all workers at once; worker 0 streams, the others log to ~/dpost.log

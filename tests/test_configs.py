@@ -50,9 +50,9 @@ def test_llama2_7b_follows_the_papers_llama_column():
 
 
 def test_command_line_selects_the_variant():
-    """`--config configs/flan_t5.py:base` through ml_collections' config_flags (dpost.plan's CLI
+    """`--config configs/flan_t5.py:base` through ml_collections' config_flags (dpost.memory's CLI
     loads configs exactly as dpost.main does)."""
-    out = subprocess.run([sys.executable, "-m", "dpost.plan", "--config", "configs/flan_t5.py:base", "--mesh",
+    out = subprocess.run([sys.executable, "-m", "dpost.memory", "--config", "configs/flan_t5.py:base", "--mesh",
                           "fsdp=8", "--device_memory_gb", "80"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "model   t5 hf:google/flan-t5-base " in out.stdout, out.stdout

@@ -81,7 +81,7 @@ def test_tpu_dry_run_creates_installs_and_starts_every_worker():
     assert any("tpu-vm scp" in c and "--worker=all" in c for c in cmds)
     install = next(c for c in cmds if "pip" in c)
     assert "--worker=all" in install and "jax\\[tpu\\]" in install
-    plan = next(c for c in cmds if "dpost.plan" in c)
+    plan = next(c for c in cmds if "dpost.memory" in c)
     assert "--num_devices\\ 16" in plan and "--check" in plan  # v4-32 = 16 chips
     start = cmds[-1]
     assert "--worker=all" in start and "dpost.main" in start

@@ -9,7 +9,7 @@ import pytest
 
 from dpost import pretrain
 from dpost.data import synthetic
-from tests.test_plan import load_config
+from tests.memory.test_plan import load_config
 
 
 def tiny(cache, **overrides):

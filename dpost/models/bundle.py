@@ -7,6 +7,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from dpost.sharding import Layout
+
 
 @dataclasses.dataclass
 class ModelBundle:
@@ -15,8 +17,12 @@ class ModelBundle:
     params: Any  # unboxed pytree of jax.Array (fp32 masters), possibly sharded
     tokenizer: Any  # a transformers tokenizer
     config: Any  # LlamaConfig | T5Config
-    mesh: Any = None  # jax.sharding.Mesh the params are laid out on, or None
+    layout: Layout = Layout()  # the mesh and rules the params are laid out by (default: one device)
     source: str = ""  # where it was loaded from (for messages and manifests)
+
+    @property
+    def mesh(self) -> Any:
+        return self.layout.mesh
 
     def replace(self, **changes) -> "ModelBundle":
         return dataclasses.replace(self, **changes)

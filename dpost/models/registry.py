@@ -10,7 +10,7 @@ from typing import Any, Callable
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
-    package: str  # dpost.models.<family>; holds model.py (module, config) and params.py (conversion)
+    package: str  # dpost.models.<family>: model.py (module, config), params.py (conversion), known.py (hub shapes)
     hf_architectures: tuple[str, ...]
     hf_auto_class: str  # transformers Auto class that loads an exported checkpoint
 
@@ -47,6 +47,11 @@ class Family:
 
     def config_class(self) -> Callable[..., Any]:
         return self.model.CONFIG_CLASS
+
+    @property
+    def known(self) -> Any:
+        """known.py: HF_CONFIGS (hub id -> config.json) and GGUF_FILES (file stem -> hub id)."""
+        return importlib.import_module(f"{self.package}.known")
 
 
 FAMILIES = {

@@ -41,10 +41,6 @@ def abstract_params(family: Family, config) -> Any:
     return jax.eval_shape(lambda: family.init_params(config, jax.random.key(0)))
 
 
-def target_shardings(boxed_abstract, mesh, rules):
-    return sharding_lib.param_shardings(boxed_abstract, mesh, rules) if mesh is not None else None
-
-
 def _with_dtype(config, dtype: str):
     return dataclasses.replace(config, dtype=str(np.dtype(dtype)) if dtype != "bfloat16" else "bfloat16")
 
@@ -102,13 +98,18 @@ def _load_tokenizer(folder: str, source: str, **kwargs):
         raise ValueError(f"{source}: could not load the tokenizer: {err}") from err
 
 
-def _from_hf(location: str, source: str):
-    folder = _resolve_hf_dir(location, source)
+def read_hf_config(folder: str, source: str) -> dict:
+    """The folder's config.json."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{source}: missing file {config_path}")
     with open(config_path) as f:
-        hf_config = json.load(f)
+        return json.load(f)
+
+
+def _from_hf(location: str, source: str):
+    folder = _resolve_hf_dir(location, source)
+    hf_config = read_hf_config(folder, source)
     family = family_for_hf_config(hf_config, source)
     getter = _hf_tensor_getter(folder, hf_config, source)
     config = family.settle_config(family.config_from_hf(hf_config), getter, source)
@@ -136,9 +137,11 @@ def _gguf_metadata(reader) -> dict:
     return meta
 
 
-def _from_gguf(location: str, source: str):
+def read_gguf(location: str, source: str):
+    """(reader, metadata, LlamaConfig) of a GGUF file: its header only, no tensor is read."""
     import gguf
-    from gguf.quants import dequantize
+
+    from dpost.models.llama import params as llama_params
 
     if not os.path.isfile(location):
         raise ValueError(f"{source}: no such file")
@@ -150,14 +153,20 @@ def _from_gguf(location: str, source: str):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; dpost reads llama GGUF files")
-    family = get_family("llama")
-    from dpost.models.llama import params as llama_params
-
-    tensors = {t.name: t for t in reader.tensors}
-    meta["_has_output_weight"] = "output.weight" in tensors
+    meta["_has_output_weight"] = any(t.name == "output.weight" for t in reader.tensors)
     if "llama.vocab_size" not in meta:
         meta["llama.vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-    config = llama_params.config_from_gguf(meta)
+    return reader, meta, llama_params.config_from_gguf(meta)
+
+
+def _from_gguf(location: str, source: str):
+    from gguf.quants import dequantize
+
+    from dpost.models.llama import params as llama_params
+
+    reader, _, config = read_gguf(location, source)
+    family = get_family("llama")
+    tensors = {t.name: t for t in reader.tensors}
     by_hf_name = {}
     for name in tensors:
         hf_name = llama_params.gguf_name_to_hf(name)
@@ -181,16 +190,25 @@ def _from_gguf(location: str, source: str):
 
 # -- orbax: ----------------------------------------------------------------------------------------
 
-def _from_orbax(location: str, source: str):
-    from etils import epath
-
-    root = epath.Path(location if "://" in location else os.path.abspath(location))
+def read_model_info(root, source: str):
+    """(family, config) from a dpost checkpoint folder's dpost_model.json."""
     info_path = root / MODEL_INFO_FILE
     if not info_path.exists():
         raise ValueError(f"{source}: missing file {info_path} (not a dpost model checkpoint)")
     info = json.loads(info_path.read_text())
     family = get_family(info["family"])
-    config = family.config_class()(**info["config"])
+    return family, family.config_class()(**info["config"])
+
+
+def orbax_root(location: str):
+    from etils import epath
+
+    return epath.Path(location if "://" in location else os.path.abspath(location))
+
+
+def _from_orbax(location: str, source: str):
+    root = orbax_root(location)
+    family, config = read_model_info(root, source)
     tokenizer = None
     if (root / TOKENIZER_DIR).exists():
         tokenizer = _load_tokenizer(_local_copy(root / TOKENIZER_DIR), source)
@@ -209,12 +227,12 @@ def _local_copy(path) -> str:
     return local
 
 
-def restore_orbax_params(params_path, boxed_abstract, mesh, rules, source: str):
+def restore_orbax_params(params_path, boxed_abstract, layout: sharding_lib.Layout, source: str):
     """Restores params into their shardings; a mismatch names the key and both shapes."""
     import orbax.checkpoint as ocp
 
     abstract = nn.unbox(boxed_abstract)
-    shardings = target_shardings(boxed_abstract, mesh, rules)
+    shardings = layout.params(boxed_abstract)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
@@ -258,18 +276,21 @@ def _save_tokenizer(tokenizer, path) -> None:
 
 # -- public ---------------------------------------------------------------------------------------
 
-def load(source: str, dtype: str = "float32", mesh=None, rules=None, tokenizer: Any = None) -> ModelBundle:
-    """Loads a model from `hf:`, `gguf:` or `orbax:`; params go straight into their shardings."""
+def load(source: str, dtype: str = "float32", mesh=None, *, layout: sharding_lib.Layout | None = None,
+         tokenizer: Any = None) -> ModelBundle:
+    """Loads a model from `hf:`, `gguf:` or `orbax:`; params go straight into their shardings by
+    `layout` (mesh + rules; `mesh=` alone: that mesh with the default rules; neither: one device)."""
+    layout = sharding_lib.as_layout(layout, mesh)
     scheme, location = split_source(source)
     loader = {"hf": _from_hf, "gguf": _from_gguf, "orbax": _from_orbax}[scheme]
     family, config, getter, loaded_tokenizer = loader(location, source)
     config = _with_dtype(config, dtype)
     boxed = abstract_params(family, config)
     if scheme == "orbax":
-        params = restore_orbax_params(getter, boxed, mesh, rules, source)
+        params = restore_orbax_params(getter, boxed, layout, source)
     else:
         params = convert.import_params(
-            family.hf_rules(config), getter, nn.unbox(boxed), target_shardings(boxed, mesh, rules),
+            family.hf_rules(config), getter, nn.unbox(boxed), layout.params(boxed),
             _num_layers(config), source,
         )
     return ModelBundle(
@@ -278,7 +299,7 @@ def load(source: str, dtype: str = "float32", mesh=None, rules=None, tokenizer: 
         params=params,
         tokenizer=tokenizer if tokenizer is not None else loaded_tokenizer,
         config=config,
-        mesh=mesh,
+        layout=layout,
         source=source,
     )
 
@@ -287,14 +308,16 @@ def _num_layers(config) -> int:
     return int(config.num_layers)
 
 
-def init_random(family_name: str, config, tokenizer=None, seed: int = 0, mesh=None, rules=None) -> ModelBundle:
+def init_random(family_name: str, config, tokenizer=None, seed: int = 0, mesh=None, *,
+                layout: sharding_lib.Layout | None = None) -> ModelBundle:
     """A randomly initialised model (tests, from-scratch tiny models), created in its shardings."""
+    layout = sharding_lib.as_layout(layout, mesh)
     family = get_family(family_name)
     boxed = abstract_params(family, config)
-    shardings = target_shardings(boxed, mesh, rules)
+    shardings = layout.params(boxed)
     init = lambda rng: nn.unbox(family.init_params(config, rng))  # noqa: E731
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return ModelBundle(family_name, family.make_module(config), params, tokenizer, config, mesh, f"random:{seed}")
+    return ModelBundle(family_name, family.make_module(config), params, tokenizer, config, layout, f"random:{seed}")
 
 
 def export_hf(bundle: ModelBundle, out_dir: str) -> None:

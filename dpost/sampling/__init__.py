@@ -38,7 +38,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dpost import sharding as sharding_lib
 from dpost.models.bundle import ModelBundle
@@ -91,24 +90,18 @@ def prompt_length_bucket(length: int, buckets: Sequence[int] | None = None) -> i
     return quarter_octave_bucket(length, MIN_PROMPT_BUCKET)
 
 
-def _batch_shards(mesh) -> int:
-    if mesh is None:
-        return 1
-    return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
-
-
 def _batch_bucket(count: int, cap: int, shards: int) -> int:
     size = min(1 << max(0, count - 1).bit_length(), max(cap, count))
     return int(math.ceil(size / shards) * shards)
 
 
-def _params_on(bundle: ModelBundle, mesh):
-    if mesh is None or mesh is bundle.mesh:
+def _params_on(bundle: ModelBundle, layout: sharding_lib.Layout):
+    if layout.mesh is None or layout == bundle.layout:
         return bundle.params
     from dpost.models import registry, sources
 
     boxed = sources.abstract_params(registry.get_family(bundle.family), bundle.config)
-    return jax.device_put(bundle.params, sharding_lib.param_shardings(boxed, mesh))
+    return jax.device_put(bundle.params, layout.params(boxed))
 
 
 def decode_layout(module, params):
@@ -124,12 +117,10 @@ def _jitted_layout(layout):
     return jax.jit(layout, static_argnums=1)
 
 
-def _put(x, mesh, batch: bool):
-    if mesh is None:
+def _put(x, layout: sharding_lib.Layout, batch: bool):
+    if layout.mesh is None:
         return x
-    if batch:
-        return jax.device_put(x, sharding_lib.batch_sharding(mesh, np.ndim(x)))
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(x, layout.batch(np.ndim(x)) if batch else layout.replicated())
 
 
 def generate(
@@ -144,6 +135,7 @@ def generate(
     seed: int = 0,
     calculator: bool = False,
     mesh=None,
+    layout: sharding_lib.Layout | None = None,
     batch_size: int | None = None,
     progress: bool = False,
     ignore_eos: bool = False,
@@ -156,6 +148,10 @@ def generate(
     EOS (benchmarks); ``length_buckets`` replaces the power-of-two prompt-length buckets;
     ``batching="static"`` runs length-sorted chunks to their longest row instead of refilling
     slots (same outputs; kept as the reference and for benchmarks).
+
+    ``layout`` (a `dpost.sharding.Layout`: mesh + logical-axis rules) places the params, batches
+    and activation constraints; neither: the bundle's own layout (`models.load(..., layout=)`);
+    ``mesh=`` alone is kept for compatibility and means the bundle's rules on that mesh.
     """
     if batching not in BATCHING:
         raise ValueError(f"batching={batching!r}: expected one of {BATCHING}")
@@ -166,8 +162,10 @@ def generate(
     rows = _tokenize(bundle, prompts)
     if not rows:
         return []
-    mesh = mesh if mesh is not None else bundle.mesh
-    params = _params_on(bundle, mesh)
+    if layout is not None and mesh is not None:
+        raise ValueError("generate: pass layout= or mesh=, not both (a layout holds its mesh)")
+    layout = layout or (bundle.layout.on(mesh) if mesh is not None else bundle.layout)
+    params = _params_on(bundle, layout)
     params = (params, decode_layout(bundle.module, params))  # prefill reads the first, decoding the second
     vocab = int(bundle.config.vocab_size)
     greedy = temperature == 0
@@ -182,7 +180,7 @@ def generate(
         eos_id=bundle.eos_token_id,
         pad_id=bundle.pad_token_id,
         queue_size=QUEUE_SIZE,
-        mesh=mesh,
+        layout=layout,
     )
     tokenizer = bundle.tokenizer
     if calculator:
@@ -192,12 +190,12 @@ def generate(
         next_table, event_table, calc_start = tables.next_state, tables.event, tables.start
     else:
         next_table, event_table, calc_start = np.zeros((1, 1), np.int32), np.zeros((1, 1), bool), 0
-    next_table, event_table = _put(next_table, mesh, False), _put(event_table, mesh, False)
+    next_table, event_table = _put(next_table, layout, False), _put(event_table, layout, False)
     temperature_arr = np.float32(temperature if not greedy else 1.0)
     top_p_arr = np.float32(top_p)
     seed_arr = np.uint32(int(seed) % (1 << 32))
 
-    shards = _batch_shards(mesh)
+    shards = layout.batch_shards
     if batch_size is None:
         batch_size = max(1, DEFAULT_MAX_ROWS // num_samples) * shards
     batch_size = max(1, int(batch_size))
@@ -212,7 +210,7 @@ def generate(
             plan = continuous.plan_slots(len(rows) * num_samples, batch_size * num_samples, shards, num_samples)
             return continuous.run(
                 bundle, params, opts, rows, order, plan, lambda n: prompt_length_bucket(n, length_buckets), traced,
-                bar, functools.partial(_sample, tokenizer), lambda x, batch: _put(x, mesh, batch))
+                bar, functools.partial(_sample, tokenizer), lambda x, batch: _put(x, layout, batch))
         results: list[list[Sample] | None] = [None] * len(rows)
         for start in range(0, len(rows), batch_size):
             indices = order[start : start + batch_size]
@@ -236,7 +234,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
     """Samples one chunk of prompts (`indices`: their positions in the `generate` call)."""
     temperature, top_p, seed, next_table, event_table, calc_start = traced
     n = opts.num_samples
-    mesh = opts.mesh
+    layout = opts.layout
     b = _batch_bucket(len(chunk), batch_size, shards)
     p = prompt_length_bucket(max(len(r) for r in chunk), length_buckets)
     padded = chunk + [chunk[0]] * (b - len(chunk))
@@ -250,8 +248,8 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
 
     params, decode_params = params
     state, flags = prefill_program(
-        bundle.module, opts.for_prefill(), params, _put(prompt, mesh, True), _put(prompt_mask, mesh, True),
-        _put(prompt_index, mesh, True), _put(sample_index, mesh, True), _put(row_valid, mesh, True),
+        bundle.module, opts.for_prefill(), params, _put(prompt, layout, True), _put(prompt_mask, layout, True),
+        _put(prompt_index, layout, True), _put(sample_index, layout, True), _put(row_valid, layout, True),
         np.int32(calc_start),
     )
     queue = np.zeros((rows, opts.queue_size), np.int32)
@@ -260,7 +258,7 @@ def _run_chunk(bundle, params, opts: StaticOptions, chunk, indices, batch_size, 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
             state, flags = decode_program(
-                bundle.module, opts, decode_params, state, _put(queue, mesh, True), _put(queue_len, mesh, True),
+                bundle.module, opts, decode_params, state, _put(queue, layout, True), _put(queue_len, layout, True),
                 temperature, top_p, seed, next_table, event_table,
             )
         _, _, any_event, emitted = (int(x) for x in np.asarray(flags))

@@ -52,7 +52,7 @@ def _rows_of(model_state, count: int):
 
 
 def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask):
-    with sharding_lib.activation_rules(opts.mesh, opts.rules):
+    with opts.layout.activation_rules():
         return module.apply({"params": params}, prompt, prompt_mask, opts.max_new_tokens, 1, method="prefill")
 
 
@@ -68,11 +68,9 @@ def _empty(module, opts: StaticOptions, params, prompt):
 
 
 def _constrain_rows(state, opts: StaticOptions):
-    if opts.mesh is None:
+    if opts.layout.mesh is None:
         return state
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(opts.mesh, x.ndim, opts.rules)),
-        state)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, opts.layout.batch(x.ndim)), state)
 
 
 def _refill(module, opts: StaticOptions, params, state, prompt, prompt_mask, source, slot, prompt_index,
@@ -86,20 +84,21 @@ def _refill(module, opts: StaticOptions, params, state, prompt, prompt_mask, sou
     return jax.tree.map(lambda old, rows: old.at[slot].set(rows.astype(old.dtype), mode="drop"), state, new)
 
 
-def _row_rules(opts: StaticOptions):
-    """Rules for the per-row (vmapped) decode step, and the mesh axes of the vmapped batch axis."""
-    rules = sharding_lib.rules_from_config(opts.rules)
-    batch_axes = dict(rules).get("batch") if opts.mesh is not None else None
-    return tuple((name, None if name == "batch" else axes) for name, axes in rules), batch_axes
+def _row_layout(opts: StaticOptions):
+    """The layout for the per-row (vmapped) decode step (its `batch` axis is the vmapped one, so
+    unconstrained inside), and the mesh axes of the vmapped batch axis."""
+    layout = opts.layout
+    rules = tuple((name, None if name == "batch" else axes) for name, axes in layout.rules)
+    return sharding_lib.Layout(layout.mesh, rules), layout.batch_axes or None
 
 
 def _decode_rows(module, opts: StaticOptions, params, tokens, model_state):
     """`decode_step` per row, each a batch of one with its own cache index (vmapped over slots)."""
-    rules, batch_axes = _row_rules(opts)
+    row_layout, batch_axes = _row_layout(opts)
 
     def one(token, row):
         batched = jax.tree.map(lambda x: x.value if _is_row_scalar(x) else x[None], row, is_leaf=_is_row_scalar)
-        with sharding_lib.activation_rules(opts.mesh, rules):
+        with row_layout.activation_rules():
             logits, new = module.apply({"params": params}, token[None], batched, method="decode_step")
         new = jax.tree.map(lambda old, x: RowScalar(x) if _is_row_scalar(old) else x[0], row, new,
                            is_leaf=_is_row_scalar)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +54,12 @@ class StaticOptions:
     eos_id: int = 2
     pad_id: int = 0
     queue_size: int = 32
-    mesh: Any = None  # jax.sharding.Mesh or None
-    rules: Any = None  # logical-axis rules (hashable tuple) or None for the defaults
+    layout: sharding_lib.Layout = sharding_lib.Layout()  # mesh + logical-axis rules (default: one device)
 
     def for_prefill(self) -> "StaticOptions":
         """The options prefill depends on (others reset, so sampling variants share its program)."""
         return StaticOptions(self.max_new_tokens, self.num_samples, pad_id=self.pad_id, queue_size=self.queue_size,
-                             mesh=self.mesh, rules=self.rules)
+                             layout=self.layout)
 
 
 # -- token selection ------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def row_state(model_state, logits, prompt_index, sample_index, done, calc_start,
 
 def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask, prompt_index, sample_index, row_valid,
              calc_start):
-    with sharding_lib.activation_rules(opts.mesh, opts.rules):
+    with opts.layout.activation_rules():
         logits, model_state = module.apply(
             {"params": params}, prompt, prompt_mask, opts.max_new_tokens, opts.num_samples, method="prefill"
         )
@@ -272,7 +270,7 @@ def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temper
 
     def body(st):
         st, token = emit_tokens(st, temperature, top_p, seed, next_state_table, event_table, opts)
-        with sharding_lib.activation_rules(opts.mesh, opts.rules):
+        with opts.layout.activation_rules():
             new_logits, st["model"] = module.apply({"params": params}, token, st["model"], method="decode_step")
         st["logits"] = new_logits.astype(jnp.float32)
         st["step"] = st["step"] + 1

@@ -30,11 +30,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from dpost import distributed, faults
-from dpost import sharding as sharding_lib
 from dpost.data.batching import COMPLETION_KEYS, pad_to_lengths
+from dpost.sharding import Layout
 from dpost.training import checkpoints as ckpt_lib
 from dpost.training.state import TrainState
 
@@ -81,17 +80,16 @@ def count_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return prompt * max(1, len(keys)) + sum(int(np.asarray(batch[k + "_mask"]).sum()) for k in keys)
 
 
-def put_batch(batch: Mapping[str, Any], mesh: Mesh | None = None, rules=None) -> dict[str, jax.Array]:
-    """Numeric arrays of a host batch onto the devices (sharded along `batch` with a mesh; each
+def put_batch(batch: Mapping[str, Any], layout: Layout = Layout()) -> dict[str, jax.Array]:
+    """Numeric arrays of a host batch onto the devices (sharded along `batch` by the layout; each
     process contributes its local rows). Non-numeric entries (ids, texts) are dropped."""
     arrays = {k: np.asarray(v) for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))
               and np.asarray(v).dtype.kind in "biuf"}
-    if mesh is None:
+    if layout.mesh is None:
         return jax.device_put(arrays)
     out = {}
     for k, v in arrays.items():
-        sharding = sharding_lib.batch_sharding(mesh, v.ndim, rules)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
+        out[k] = jax.make_array_from_process_local_data(layout.batch(v.ndim), v)
     return out
 
 
@@ -161,8 +159,7 @@ def run(
     workdir: str | None = None,
     checkpoint_dir: str | None = None,
     eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None,
-    mesh: Mesh | None = None,
-    rules=None,
+    layout: Layout = Layout(),
     pad_to: tuple[int | None, int | None] | None = None,
     pad_id: int = 0,
     meta: Mapping[str, Any] | None = None,
@@ -235,7 +232,7 @@ def run(
                 tokens_window += n_tokens
                 tokens_total += n_tokens
                 position = data_state()
-                state, metrics = step_fn(state, put_batch(batch, mesh, rules))
+                state, metrics = step_fn(state, put_batch(batch, layout))
                 step += 1
                 pending.append((step, metrics))
 
@@ -300,27 +297,27 @@ def run(
 # --------------------------------------------------------------------------------------------------
 # evaluation helpers
 # --------------------------------------------------------------------------------------------------
-def evaluate_sft(eval_step, params, batches, *, mesh=None, rules=None, pad_to=None, pad_id: int = 0) -> dict:
+def evaluate_sft(eval_step, params, batches, *, layout: Layout = Layout(), pad_to=None, pad_id: int = 0) -> dict:
     """Mean target-token NLL (and perplexity) of params over an iterable of batches."""
     nll, tokens = 0.0, 0.0
     for batch in batches:
         if pad_to is not None:
             batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
-        out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules)))
+        out = jax.device_get(eval_step(params, put_batch(batch, layout)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     loss = nll / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
-def evaluate_dpo(eval_step, params, batches, ref_params=None, *, mesh=None, rules=None, pad_to=None,
+def evaluate_dpo(eval_step, params, batches, ref_params=None, *, layout: Layout = Layout(), pad_to=None,
                  pad_id: int = 0) -> dict:
     """DPO metrics (mean over valid pairs) of params over an iterable of pair batches."""
     sums: dict[str, float] = {}
     for batch in batches:
         if pad_to is not None:
             batch = pad_to_lengths(batch, pad_to[0], pad_to[1], pad_id)
-        out = jax.device_get(eval_step(params, put_batch(batch, mesh, rules), ref_params))
+        out = jax.device_get(eval_step(params, put_batch(batch, layout), ref_params))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     pairs = max(sums.pop("pairs", 0.0), 1.0)

@@ -15,7 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dpost.sharding import Layout
 
 
 
@@ -38,12 +39,13 @@ def _as_rng(rng: int | jax.Array) -> jax.Array:
     return jnp.asarray(rng, jnp.uint32)
 
 
-def state_shardings(params_shardings: Any, optimizer: optax.GradientTransformation, abstract_params: Any, mesh: Mesh):
+def state_shardings(params_shardings: Any, optimizer: optax.GradientTransformation, abstract_params: Any,
+                    layout: Layout):
     """TrainState of shardings: optimizer moments follow their parameter; scalars are replicated.
 
     abstract_params: unboxed pytree of ShapeDtypeStruct (or arrays) with the params' structure.
     """
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = layout.replicated()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optax.tree_map_params(
         optimizer,

@@ -7,8 +7,9 @@ One step = one optimizer update on one global batch:
 * losses are normalised by global-batch counts (target tokens for SFT, valid pairs for DPO) that
   are computed before the scan, so the result is independent of the device count and of
   `grad_accum` (not a per-device or per-micro-batch mean of means);
-* with a mesh, the train state is laid out by the logical-axis rules (params, grads and optimizer
-  moments sharded alike), the batch is sharded along `batch`, and the state is donated;
+* with a `Layout` (a mesh and its logical-axis rules), the train state is laid out by the rules
+  (params, grads and optimizer moments sharded alike), the batch is sharded along `batch`, and the
+  state is donated;
 * shapes are static per stage, so a stage compiles one program (`len(step.programs)`).
 
 Batches are dicts of arrays as produced by `dpost.data.pipeline`:
@@ -27,9 +28,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from dpost import sharding as sharding_lib
+from dpost.sharding import Layout
 from dpost import startup
 from dpost.models import layers
 from dpost.models.scoring import check_logits_chunk, completion_token_logprobs, head_logprobs, is_decoder_only
@@ -244,7 +245,7 @@ def _signature(args) -> tuple:
 
 
 class Step:
-    """A jitted step plus the context (mesh, logical rules) its trace needs.
+    """A jitted step plus the layout (mesh, logical rules) its trace needs.
 
     Call as `step(state, batch)` (or `step(state, batch, ref_params)` for the in-step DPO
     reference). Each new argument signature (shapes, dtypes, shardings) is compiled ahead of time
@@ -254,9 +255,10 @@ class Step:
     `step.jitted` is the underlying `jax.jit` object.
     """
 
-    def __init__(self, fn: Callable, mesh: Mesh | None, rules, jitted):
-        self.fn, self.mesh, self.rules, self.jitted = fn, mesh, rules, jitted
+    def __init__(self, fn: Callable, layout: Layout, jitted):
+        self.fn, self.layout, self.jitted = fn, layout, jitted
         self.programs: dict[tuple, Any] = {}
+        mesh = layout.mesh
         platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
         self.compiler_options = CPU_COMPILER_OPTIONS if platform == "cpu" else {}
 
@@ -270,41 +272,41 @@ class Step:
         return program(*args)
 
     def lower(self, *args):
-        with sharding_lib.activation_rules(self.mesh, self.rules):
+        with self.layout.activation_rules():
             return self.jitted.lower(*args)
 
 
-def _batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+def _batch_sharding(layout: Layout) -> NamedSharding:
     # One prefix sharding for every leaf of the batch dict: leading axis = `batch`.
-    return sharding_lib.batch_sharding(mesh, 1, rules)
+    return layout.batch(1)
 
 
-def _jit_step(fn, *, mesh, rules, state_shardings, ref_shardings, n_args: int, donate: bool) -> Step:
+def _jit_step(fn, *, layout: Layout, state_shardings, ref_shardings, n_args: int, donate: bool) -> Step:
     donate_argnums = (0,) if donate else ()
-    if mesh is None:
-        return Step(fn, None, rules, jax.jit(fn, donate_argnums=donate_argnums))
+    if layout.mesh is None:
+        return Step(fn, layout, jax.jit(fn, donate_argnums=donate_argnums))
     if state_shardings is None:
         raise ValueError("a sharded step needs state_shardings (see training.state_shardings)")
-    replicated = NamedSharding(mesh, PartitionSpec())
-    in_sh = [state_shardings, _batch_sharding(mesh, rules)]
+    replicated = layout.replicated()
+    in_sh = [state_shardings, _batch_sharding(layout)]
     if n_args == 3:
         in_sh.append(ref_shardings if ref_shardings is not None else state_shardings.params)
     jitted = jax.jit(
         fn, in_shardings=tuple(in_sh), out_shardings=(state_shardings, replicated), donate_argnums=donate_argnums
     )
-    return Step(fn, mesh, rules, jitted)
+    return Step(fn, layout, jitted)
 
 
-def _grad_constraint(mesh, state_shardings):
-    if mesh is None or state_shardings is None:
+def _grad_constraint(layout: Layout, state_shardings):
+    if layout.mesh is None or state_shardings is None:
         return lambda g: g
     return lambda g: jax.lax.with_sharding_constraint(g, state_shardings.params)
 
 
-def _batch_constraint(mesh, rules):
-    if mesh is None:
+def _batch_constraint(layout: Layout):
+    if layout.mesh is None:
         return lambda b: b
-    sh = _batch_sharding(mesh, rules)
+    sh = _batch_sharding(layout)
     return lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sh), b)
 
 
@@ -329,8 +331,7 @@ def make_sft_step(
     *,
     lr_schedule: Callable | None = None,
     grad_accum: int = 1,
-    mesh: Mesh | None = None,
-    rules=None,
+    layout: Layout = Layout(),
     state_shardings: TrainState | None = None,
     donate: bool = True,
     logits_chunk: int | None = None,
@@ -344,8 +345,8 @@ def make_sft_step(
     run repeats them. Rate 0 traces exactly the step without dropout."""
     check_logits_chunk(logits_chunk)
     train_module = with_dropout(module, dropout)
-    constrain_grads = _grad_constraint(mesh, state_shardings)
-    constrain_batch = _batch_constraint(mesh, rules)
+    constrain_grads = _grad_constraint(layout, state_shardings)
+    constrain_batch = _batch_constraint(layout)
 
     def step(state: TrainState, batch):
         batch = constrain_batch(batch)
@@ -365,11 +366,11 @@ def make_sft_step(
         metrics = {"loss": aux["nll"] / denom, "tokens": total_tokens, **extra}
         return state, metrics
 
-    return _jit_step(step, mesh=mesh, rules=rules, state_shardings=state_shardings, ref_shardings=None,
+    return _jit_step(step, layout=layout, state_shardings=state_shardings, ref_shardings=None,
                      n_args=2, donate=donate)
 
 
-def make_sft_eval_step(module, *, mesh: Mesh | None = None, rules=None, param_shardings=None,
+def make_sft_eval_step(module, *, layout: Layout = Layout(), param_shardings=None,
                        logits_chunk: int | None = None) -> Step:
     """eval(params, batch) -> {"nll_sum", "tokens"} (sum them over batches; loss = nll_sum / tokens)."""
     check_logits_chunk(logits_chunk)
@@ -378,9 +379,9 @@ def make_sft_eval_step(module, *, mesh: Mesh | None = None, rules=None, param_sh
         nll, tokens = masked_nll(logps, mask)
         return {"nll_sum": nll, "tokens": tokens}
 
-    if mesh is None:
-        return Step(fn, None, rules, jax.jit(fn))
-    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(mesh, rules))))
+    if layout.mesh is None:
+        return Step(fn, layout, jax.jit(fn))
+    return Step(fn, layout, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(layout))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,8 +434,7 @@ def make_dpo_step(
     *,
     lr_schedule: Callable | None = None,
     grad_accum: int = 1,
-    mesh: Mesh | None = None,
-    rules=None,
+    layout: Layout = Layout(),
     state_shardings: TrainState | None = None,
     ref_shardings=None,
     donate: bool = True,
@@ -451,8 +451,8 @@ def make_dpo_step(
     once); logits_chunk bounds the vocab-sized logits held at once (see head_logprobs).
     """
     check_logits_chunk(logits_chunk)
-    constrain_grads = _grad_constraint(mesh, state_shardings)
-    constrain_batch = _batch_constraint(mesh, rules)
+    constrain_grads = _grad_constraint(layout, state_shardings)
+    constrain_batch = _batch_constraint(layout)
 
     def core(state: TrainState, batch, ref_params):
         batch = constrain_batch(batch)
@@ -480,11 +480,11 @@ def make_dpo_step(
         def step(state, batch):
             return core(state, batch, None)
         n_args = 2
-    return _jit_step(step, mesh=mesh, rules=rules, state_shardings=state_shardings, ref_shardings=ref_shardings,
+    return _jit_step(step, layout=layout, state_shardings=state_shardings, ref_shardings=ref_shardings,
                      n_args=n_args, donate=donate)
 
 
-def make_dpo_eval_step(module, cfg: DPOConfig = DPOConfig(), *, mesh: Mesh | None = None, rules=None,
+def make_dpo_eval_step(module, cfg: DPOConfig = DPOConfig(), *, layout: Layout = Layout(),
                        param_shardings=None, logits_chunk: int | None = None) -> Step:
     """eval(params, batch, ref_params=None) -> sums of the DPO metrics and the pair count.
     Pass ref_params=None when the batch carries ref_*_logps."""
@@ -501,18 +501,18 @@ def make_dpo_eval_step(module, cfg: DPOConfig = DPOConfig(), *, mesh: Mesh | Non
         sums["chosen_tokens"] = t["chosen_tokens"]
         return sums
 
-    if mesh is None:
-        return Step(fn, None, rules, jax.jit(fn))
-    bs = _batch_sharding(mesh, rules)
-    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, bs, param_shardings)))
+    if layout.mesh is None:
+        return Step(fn, layout, jax.jit(fn))
+    bs = _batch_sharding(layout)
+    return Step(fn, layout, jax.jit(fn, in_shardings=(param_shardings, bs, param_shardings)))
 
 
-def make_reference_fn(module, *, mesh: Mesh | None = None, rules=None, param_shardings=None,
+def make_reference_fn(module, *, layout: Layout = Layout(), param_shardings=None,
                       logits_chunk: int | None = None) -> Step:
     """ref(params, batch) -> (ref_chosen_logps [B], ref_rejected_logps [B]): run once per DPO stage
     over the pairs (or take the sampler's token log-probs) and feed them to the precomputed step."""
     check_logits_chunk(logits_chunk)
     fn = functools.partial(reference_logps, module, chunk=logits_chunk)
-    if mesh is None:
-        return Step(fn, None, rules, jax.jit(fn))
-    return Step(fn, mesh, rules, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(mesh, rules))))
+    if layout.mesh is None:
+        return Step(fn, layout, jax.jit(fn))
+    return Step(fn, layout, jax.jit(fn, in_shardings=(param_shardings, _batch_sharding(layout))))

@@ -148,7 +148,7 @@ def scripted_bundle(family: str, tokenizer, texts: list) -> tuple[ModelBundle, l
                          method="prefill")["params"]
     cfg = ScriptConfig(vocab, eos, tokenizer.pad_token_id)
     prompts = [[first_key + k] for k in range(len(texts))]
-    return ModelBundle(family, module, params, tokenizer, cfg, None, "scripted"), prompts
+    return ModelBundle(family, module, params, tokenizer, cfg, source="scripted"), prompts
 
 
 # -- tiny HF llama ----------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def main():
     tx, sched = training.make_optimizer(ocfg), training.make_schedule(ocfg)
     mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     psh = sharding_lib.param_shardings(boxed, mesh)
-    ssh = training.state_shardings(psh, tx, abstract, mesh)
+    layout = sharding_lib.Layout(mesh)
+    ssh = training.state_shardings(psh, tx, abstract, layout)
 
     sft_batch = th.sft_batch(1, batch=8)
     pair_batch = th.pair_batch(2, batch=8)
@@ -60,13 +61,13 @@ def main():
         # sharded
         sharded_params = jax.device_put(params, psh)
         state = training.create_train_state(sharded_params, tx, shardings=ssh)
-        kw = dict(lr_schedule=sched, grad_accum=2, mesh=mesh, state_shardings=ssh)
+        kw = dict(lr_schedule=sched, grad_accum=2, layout=layout, state_shardings=ssh)
         if kind == "sft":
             step = training.make_sft_step(module, tx, **kw)
-            s2, m2 = step(state, training.put_batch(sft_batch, mesh))
+            s2, m2 = step(state, training.put_batch(sft_batch, layout))
         else:
             step = training.make_dpo_step(module, tx, training.DPOConfig(), **kw)
-            s2, m2 = step(state, training.put_batch(pair_batch, mesh), jax.device_put(ref_params, psh))
+            s2, m2 = step(state, training.put_batch(pair_batch, layout), jax.device_put(ref_params, psh))
         mu1 = s1.opt_state[1][0].mu
         mu2 = s2.opt_state[1][0].mu
         rel = lambda a, b: float(jnp.linalg.norm((a - b).ravel()) / max(float(jnp.linalg.norm(b.ravel())), 1e-30))  # noqa: E731
@@ -91,9 +92,9 @@ def main():
     sharded_state = training.create_train_state(jax.device_put(params, psh), tx, shardings=ssh)
     single = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2, dropout=0.1)
     s1, m1 = single(training.create_train_state(params, tx), sft_batch)
-    step = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2, dropout=0.1, mesh=mesh,
+    step = training.make_sft_step(module, tx, lr_schedule=sched, grad_accum=2, dropout=0.1, layout=layout,
                                   state_shardings=ssh)
-    s2, m2 = step(sharded_state, training.put_batch(sft_batch, mesh))
+    s2, m2 = step(sharded_state, training.put_batch(sft_batch, layout))
     report["sft_dropout"] = {
         "loss_single": float(m1["loss"]), "loss_sharded": float(m2["loss"]),
         "max_abs_param_diff": max(jax.tree.leaves(jax.tree.map(

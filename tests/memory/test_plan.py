@@ -13,10 +13,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dpost import plan as plan_lib
+from dpost import memory, sharding
 from dpost.data.batching import quarter_octave_bucket
+from dpost.memory.__main__ import parse_mesh
+from dpost.memory.report import fmt
+from dpost.models.shapes import UnknownShapes, model_shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GiB = 1024**3
 
 
@@ -34,8 +37,8 @@ def load_config(name: str, **overrides):
     return config
 
 
-def tiny_plan(**overrides) -> plan_lib.Plan:
-    return plan_lib.plan(load_config("arith_tiny", **overrides), {"data": 1}, 8 * GiB)
+def tiny_plan(**overrides) -> memory.Plan:
+    return memory.plan(load_config("arith_tiny", **overrides), {"data": 1}, 8 * GiB)
 
 
 def within(estimate: float, measured: float, tol: float = 0.2) -> bool:
@@ -43,7 +46,7 @@ def within(estimate: float, measured: float, tol: float = 0.2) -> bool:
 
 
 def _tiny_model(config):
-    spec = plan_lib.resolve_model(config)
+    spec = model_shapes(config)
     from dpost.models.registry import get_family
 
     return spec, get_family(spec.family)
@@ -51,12 +54,13 @@ def _tiny_model(config):
 
 # -- shapes ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, params", [("llama2_7b", 6_738_415_616), ("flan_t5_large", 783_150_080),
-                                           ("flan_t5_base", 247_577_856)])
-def test_known_checkpoint_shapes_offline(name, params):
-    p = plan_lib.plan(load_config(name), {"fsdp": 8}, 80 * GiB)
+@pytest.mark.parametrize("name, params, family", [("llama2_7b", 6_738_415_616, "llama"),
+                                                   ("flan_t5_large", 783_150_080, "t5"),
+                                                   ("flan_t5_base", 247_577_856, "t5")])
+def test_known_checkpoint_shapes_offline(name, params, family):
+    p = memory.plan(load_config(name), {"fsdp": 8}, 80 * GiB)
     assert p.param_count == params
-    assert p.origin == "dpost.plan.KNOWN_HF_CONFIGS"
+    assert p.origin == f"dpost.models.{family}.known.HF_CONFIGS"
     # fsdp=8 divides every embed dimension: each device holds an eighth of the fp32 masters, up to
     # the small replicated leaves (norm scales are sharded too; relative-position tables are not).
     assert within(p.stage("sft").terms["params"], 4 * params / 8, 0.01)
@@ -65,17 +69,34 @@ def test_known_checkpoint_shapes_offline(name, params):
 def test_scratch_model_uses_tokenizer_vocab_size():
     config = load_config("arith_tiny")
     config.model.scratch.tokenizer_vocab_size = 384  # the planner must follow the tokenizer's size
-    spec = plan_lib.resolve_model(config)
+    spec = model_shapes(config)
     assert spec.family == "llama" and spec.config.vocab_size == 384 and spec.config.num_layers == 2
 
 
 def test_mesh_parsing_and_resolution():
-    assert plan_lib.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
-    assert plan_lib.resolve_mesh({"fsdp": -1, "tensor": 2}, num_devices=16) == {"data": 1, "fsdp": 8, "tensor": 2}
+    assert parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+    assert sharding.mesh_shape({"fsdp": -1, "tensor": 2}, num_devices=16) == {"data": 1, "fsdp": 8, "tensor": 2}
     with pytest.raises(ValueError, match="unknown mesh axes"):
-        plan_lib.resolve_mesh({"model": 2})
+        sharding.mesh_shape({"model": 2})
     with pytest.raises(ValueError, match="not divisible"):
-        plan_lib.resolve_mesh({"fsdp": -1, "tensor": 3}, num_devices=8)
+        sharding.mesh_shape({"fsdp": -1, "tensor": 3}, num_devices=8)
+
+
+def test_unknown_hub_id_is_not_refused_the_plan_warns(caplog):
+    """A hub id in no family's known.py and not in the HF cache: models.load could still download
+    it, so the plan says it cannot estimate and the run goes on (check_run returns no plan)."""
+    config = load_config("arith_tiny", **{"model.source": "hf:example-org/not-a-known-model"})
+    with pytest.raises(UnknownShapes, match="example-org/not-a-known-model"):
+        memory.plan(config, {"data": 1}, 8 * GiB)
+    with caplog.at_level("WARNING", logger="dpost.memory.planner"):
+        assert memory.check_run(config, {"data": 1}) is None
+    assert "memory plan: cannot estimate" in caplog.text and "not-a-known-model" in caplog.text
+
+
+def test_check_run_still_refuses_a_known_model_that_does_not_fit():
+    config = load_config("llama2_7b", **{"model.remat": False})
+    with pytest.raises(ValueError, match="memory plan: stage"):
+        memory.check_run(config, {"fsdp": 1}, 80 * GiB)
 
 
 # -- against measured memory -----------------------------------------------------------------------
@@ -101,8 +122,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import flax.linen as nn
     import jax
     import numpy as np
-    from dpost import plan, sharding
+    from dpost import sharding
+    from dpost.memory.shards import param_info
     from dpost.models import registry, sources
+    from dpost.models.shapes import ModelShapes
     from dpost.models.llama.model import LlamaConfig
     # 3 KV heads and a 3-way divisible MLP: the 2-way tensor axis is dropped for some leaves.
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=6,
@@ -114,8 +137,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
         # Placed as models.load places checkpoint tensors: one device_put per tensor into its sharding.
         shardings = sharding.param_shardings(boxed, mesh)
         params = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
-        spec = plan.ModelSpec("llama", cfg, "test", "test")
-        info = plan.param_info(spec, plan.resolve_mesh(shape))
+        layout = sharding.Layout(sharding.abstract_mesh(sharding.mesh_shape(shape)))
+        info = param_info(ModelShapes("llama", cfg, "test", "test"), layout)
         device0 = jax.devices()[0]
         held = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards
                    if s.device == device0)
@@ -148,7 +171,7 @@ def test_sft_activation_estimate_within_20pct_of_the_compiled_step(remat):
     batch = {"prompt": ids(p), "prompt_mask": ids(p), "completion": ids(c), "completion_mask": ids(c)}
     measured = step.lower(training.abstract_state(tx, params), batch).compile().memory_analysis().temp_size_in_bytes
 
-    row = plan_lib.plan(config, {"data": 1}, 8 * GiB).stage("sft")
+    row = memory.plan(config, {"data": 1}, 8 * GiB).stage("sft")
     estimate = row.terms["activations"] + row.terms["grads"]
     assert within(estimate, measured), (remat, estimate, measured)
     assert (row.activations_remat if remat else row.activations_no_remat) == row.terms["activations"]
@@ -191,7 +214,7 @@ def test_sampler_weight_copies_cover_the_decode_copy(dtype):
     for path, leaf in jax.tree_util.tree_leaves_with_path(decoded):
         new_buffer = path[0].key == "layers" or leaf.dtype != jnp.float32  # split layers, cast matrices
         added += leaf.size * leaf.dtype.itemsize if new_buffer else 0
-    estimate = plan_lib.plan(config, {"data": 1}, 8 * GiB).stage("sample pairs").terms["weight copies"]
+    estimate = memory.plan(config, {"data": 1}, 8 * GiB).stage("sample pairs").terms["weight copies"]
     # The estimate counts every parameter at the compute dtype; norm scales stay fp32 (< 1% here).
     assert 0.99 * added <= estimate <= 2 * added, (added, estimate)
 
@@ -216,26 +239,26 @@ def test_prompts_per_sampler_call_follow_the_driver():
 # -- refusal -----------------------------------------------------------------------------------------
 
 def test_over_budget_plan_is_refused_naming_stage_and_largest_term():
-    p = plan_lib.plan(load_config("arith_tiny"), {"data": 1}, 200 * 1024**2)
+    p = memory.plan(load_config("arith_tiny"), {"data": 1}, 200 * 1024**2)
     with pytest.raises(ValueError) as err:
-        plan_lib.check_fits(p)
+        memory.check_fits(p)
     msg = str(err.value)
     worst = max(p.over_budget(), key=lambda r: r.total)
     assert worst.stage == "dpo (ref precomputed)"  # the run's DPO stage: twice the SFT sequences
     assert f"stage '{worst.stage}'" in msg
     assert "largest term: activations" in msg
-    assert plan_lib._fmt(worst.total) in msg and "200.0 MiB" in msg
+    assert fmt(worst.total) in msg and "200.0 MiB" in msg
     assert "model.remat=True" in msg  # a hint that addresses the largest term
 
 
 def test_in_budget_plan_passes_and_unused_stages_do_not_count():
-    plan_lib.check_fits(tiny_plan())
+    memory.check_fits(tiny_plan())
     # a budget just above what the warm-up-only run needs, below what its (unused) DPO stage would need
     sft_only = load_config("arith_tiny", method="sft")
-    needed = max(r.total for r in plan_lib.plan(sft_only, {"data": 1}, None).stages if r.used)
-    p = plan_lib.plan(sft_only, {"data": 1}, int(needed * 1.02))
+    needed = max(r.total for r in memory.plan(sft_only, {"data": 1}, None).stages if r.used)
+    p = memory.plan(sft_only, {"data": 1}, int(needed * 1.02))
     assert not p.stage("dpo (ref precomputed)").used and not p.fits(p.stage("dpo (ref precomputed)"))
-    plan_lib.check_fits(p)  # sft and eval sampling fit; DPO does not run
+    memory.check_fits(p)  # sft and eval sampling fit; DPO does not run
 
 
 def test_remat_and_grad_accum_change_the_right_terms():
@@ -250,7 +273,7 @@ def test_remat_and_grad_accum_change_the_right_terms():
 def test_logits_chunk_bounds_the_logits_term_of_decoder_only_models():
     def sft_activations(name, **overrides):
         config = load_config(name, **{"model.remat": True, **overrides})
-        return plan_lib.plan(config, {"data": 8}, 80 * GiB).stage("sft").terms["activations"]
+        return memory.plan(config, {"data": 8}, 80 * GiB).stage("sft").terms["activations"]
 
     # SmolLM2: 8 sequences x 384 targets x 49152 vocab of fp32 logits (and their gradient) dominate
     # its remat peak; in 64-position chunks they drop below one layer's recomputation
@@ -268,18 +291,18 @@ def test_in_step_reference_adds_reference_params():
 
 def test_seven_b_shards_with_fsdp_and_tensor():
     cfg = load_config("llama2_7b")
-    p8 = plan_lib.plan(cfg, {"fsdp": 8}, 80 * GiB)
-    p16 = plan_lib.plan(cfg, {"fsdp": 8, "tensor": 2}, 80 * GiB)
+    p8 = memory.plan(cfg, {"fsdp": 8}, 80 * GiB)
+    p16 = memory.plan(cfg, {"fsdp": 8, "tensor": 2}, 80 * GiB)
     assert within(p16.stage("sft").terms["params"], p8.stage("sft").terms["params"] / 2, 0.01)
     kv8, kv16 = p8.stage("sample pairs").terms["kv cache"], p16.stage("sample pairs").terms["kv cache"]
     assert kv16 == kv8 // 2  # 32 KV heads split over tensor=2
-    plan_lib.check_fits(p8)
+    memory.check_fits(p8)
 
 
 # -- command line ------------------------------------------------------------------------------------
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dpost.plan", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dpost.memory", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
