@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
             family="",  # llama | t5 (needed for scratch/pretrain; read from the checkpoint otherwise)
             dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
             remat=False,  # rematerialise each layer in training (saves activation memory)
+            # training, scoring and prefill attention: fused (jax.nn.dot_product_attention) | einsum
+            # (spelled out; the path taken anyway under attention dropout). Measured: BENCHMARKS.md
+            attention="fused",
             # decoder-only train steps and reference scoring: the vocabulary head over this many target
             # positions at a time (0 = all at once); bounds the fp32 [rows, positions, vocab] logits
             logits_chunk=0,

@@ -237,8 +237,9 @@ def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict 
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
     if bundle.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
-    if config.model.remat:
-        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=True))
+    if config.model.remat or config.model.attention != bundle.config.attention:
+        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=config.model.remat,
+                                                           attention=config.model.attention))
         bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
     return bundle, None
 

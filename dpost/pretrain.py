@@ -124,5 +124,6 @@ def scratch_model_config(config, tokenizer):
     fields = {k: v for k, v in dict(config.model.scratch).items() if k != "tokenizer_vocab_size"}
     return family.config_class()(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat, **fields,
+        pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat,
+        attention=config.model.attention, **fields,
     )
