@@ -15,17 +15,19 @@ import argparse
 import importlib.util
 import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from dpost import training
-from dpost.models import layers
-from dpost.models.llama import model as llama
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpost import training  # noqa: E402
+from dpost.models import layers  # noqa: E402
+from dpost.models.llama import model as llama  # noqa: E402
 
 
 def default_model_config() -> llama.LlamaConfig:
@@ -59,17 +61,24 @@ def workloads(cfg, batch, prompt_len, target_len, seed=0):
     out = {}
     for name in layers.ATTENTIONS:
         module = llama.make_module(cfg.replace(attention=name))
-        params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(llama.init_params(cfg, jax.random.key(0))))
-        state = training.create_train_state(params, tx)
+        params = nn.unbox(llama.init_params(cfg, jax.random.key(0)))
+        copy = lambda: jax.tree.map(lambda x: x.copy(), params)  # noqa: E731  (steps donate their state)
+        ref_params = copy()
         sft_step = training.make_sft_step(module, tx, lr_schedule=sched)
         dpo_step = training.make_dpo_step(module, tx, training.DPOConfig(), lr_schedule=sched)
         score = jax.jit(lambda p, b, m=module: m.apply({"params": p}, b["prompt"], b["prompt_mask"], b["completion"],
                                                        b["completion_mask"], method="completion_logits"))
         prefill = jax.jit(lambda p, b, m=module: m.apply({"params": p}, b["prompt"], b["prompt_mask"], target_len, 1,
                                                          method="prefill"))
+        states = {kind: training.create_train_state(copy(), tx) for kind in ("sft", "dpo")}
+
+        def train(kind, f, *args, states=states):
+            states[kind], metrics = f(states[kind], *args)
+            return metrics
+
         out[name] = {
-            "sft step": lambda s=state, f=sft_step: f(s, sft),
-            "dpo step": lambda s=state, f=dpo_step, p=params: f(s, pairs, p),
+            "sft step": lambda f=sft_step, t=train: t("sft", f, sft),
+            "dpo step": lambda f=dpo_step, p=ref_params, t=train: t("dpo", f, pairs, p),
             "scoring": lambda f=score, p=params: f(p, sft),
             "prefill": lambda f=prefill, p=params: f(p, sft),
         }
