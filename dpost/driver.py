@@ -222,7 +222,8 @@ def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict 
     synthetic pre-training (cached), or (source=scratch) a random init with the task's tokenizer."""
     source = config.model.source
     if source == "pretrain":
-        return pretrain.pretrained_m0(config, mesh, rules)
+        bundle, info = pretrain.pretrained_m0(config, mesh, rules)
+        return with_model_options(bundle, config), info
     if source == "scratch":
         from dpost.data import synthetic
 
@@ -237,11 +238,16 @@ def load_base_model(config, task: Task, mesh, rules) -> tuple[ModelBundle, dict 
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
     if bundle.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
-    if config.model.remat or config.model.attention != bundle.config.attention:
-        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=config.model.remat,
-                                                           attention=config.model.attention))
-        bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
-    return bundle, None
+    return with_model_options(bundle, config), None
+
+
+def with_model_options(bundle, config):
+    """The bundle with the run's `model.remat` and `model.attention` (a checkpoint carries its own)."""
+    options = {"remat": bool(config.model.remat), "attention": config.model.attention}
+    if all(getattr(bundle.config, k) == v for k, v in options.items()):
+        return bundle
+    model_config = dataclasses.replace(bundle.config, **options)
+    return bundle.replace(config=model_config, module=models.get_family(bundle.family).make_module(model_config))
 
 
 def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:

@@ -58,7 +58,7 @@ def content_hash(config, examples) -> str:
     for ex in examples:
         h.update(f"{ex.question}\x1f{ex.answer}\x1e".encode())
     training = {k: v for k, v in flatten_config(config.pretrain).items() if not k.startswith(("cache_dir", "corpus"))}
-    fields = {"family": config.model.family, "dtype": config.model.dtype,
+    fields = {"family": config.model.family, "dtype": config.model.dtype, "attention": config.model.attention,
               "scratch": flatten_config(config.model.scratch), "training": training}
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

@@ -53,7 +53,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
     remat: bool = False
-    attention: str = "fused"  # layers.ATTENTIONS: training, scoring and prefill attention
+    attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
         layers.check_attention(self.attention)

@@ -90,7 +90,7 @@ class T5Config:
     eos_token_id: int | None = 1
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
     remat: bool = False
-    attention: str = "fused"  # layers.ATTENTIONS: training, scoring and prefill attention
+    attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
         layers.check_attention(self.attention)
