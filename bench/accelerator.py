@@ -336,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
     ap.add_argument("--remat", action="store_true", help="rematerialise each layer in the train steps (larger --batch)")
+    ap.add_argument("--attention", default="einsum", choices=("einsum", "fused"),
+                    help="training/scoring/prefill attention (model config field `attention`)")
     ap.add_argument("--logits_chunk", type=int, default=None,
                     help="decoder-only train steps: vocabulary head this many target positions at a time")
     ap.add_argument("--profile", default=None, help="folder for a jax.profiler trace of one more step per row")
@@ -365,7 +367,7 @@ def main(argv=None) -> int:
         if name not in builders:
             ap.error(f"unknown model {name!r}; expected one of {sorted(builders)}")
         family, make = builders[name]
-        cfg = dataclasses.replace(make(dtype), remat=args.remat)
+        cfg = dataclasses.replace(make(dtype), remat=args.remat, attention=args.attention)
         label = name + (" (tiny)" if tiny else "")
         bundle = models.init_random(family, cfg, seed=0, mesh=mesh)
         holder: dict = {}

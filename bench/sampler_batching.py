@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 
-from dpost import pretrain, sampling, stages
-from dpost.data.task import load_task
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's dpost, whatever the installed one
+
+from dpost import pretrain, sampling, stages  # noqa: E402
+from dpost.data.task import load_task  # noqa: E402
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ def load(config, task: Task, layout: Layout) -> tuple[ModelBundle, dict | None]:
     """M0 laid out by `layout` and, for source=pretrain, its pre-training record (time, FLOPs, cache)."""
     source = config.model.source
     if source == "pretrain":
-        return pretrain.pretrained_m0(config, layout)
+        bundle, info = pretrain.pretrained_m0(config, layout)
+        return with_model_options(bundle, config), info
     if source == "scratch":
         return _scratch(config, task, layout), None
     bundle = models.load(source, dtype=config.model.dtype, layout=layout)
@@ -27,10 +28,16 @@ def load(config, task: Task, layout: Layout) -> tuple[ModelBundle, dict | None]:
         raise ValueError(f"config field 'model.family' is {config.model.family!r} but {source} is a {bundle.family} model")
     if bundle.tokenizer is None:
         raise ValueError(f"{source}: no tokenizer found beside the weights")
-    if config.model.remat:
-        bundle = bundle.replace(config=dataclasses.replace(bundle.config, remat=True))
-        bundle = bundle.replace(module=models.get_family(bundle.family).make_module(bundle.config))
-    return bundle, None
+    return with_model_options(bundle, config), None
+
+
+def with_model_options(bundle: ModelBundle, config) -> ModelBundle:
+    """The bundle with the run's `model.remat` and `model.attention` (a checkpoint carries its own)."""
+    options = {"remat": bool(config.model.remat), "attention": config.model.attention}
+    if all(getattr(bundle.config, k) == v for k, v in options.items()):
+        return bundle
+    model_config = dataclasses.replace(bundle.config, **options)
+    return bundle.replace(config=model_config, module=models.get_family(bundle.family).make_module(model_config))
 
 
 def _scratch(config, task: Task, layout: Layout) -> ModelBundle:

@@ -131,6 +131,7 @@ def rules() -> dict[str, Rule]:
     from dpost.data.builders import SIMILARITIES
     from dpost.data.task import SOURCES as DATA_SOURCES
     from dpost.training.steps import DPO_REFERENCES
+    from dpost.models.layers import ATTENTIONS
     from dpost.models.registry import FAMILIES
     from dpost.training.losses import LOSS_TYPES
 
@@ -145,6 +146,7 @@ def rules() -> dict[str, Rule]:
         "model.dtype": one_of(DTYPES),
         "model.dropout": number(0, 1, high_open=True),
         "model.remat": BOOLEAN,
+        "model.attention": one_of(ATTENTIONS),
         "model.logits_chunk": integer(0),
         "data.source": one_of(DATA_SOURCES),
         "data.max_train": integer(0),

@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
             family="",  # llama | t5 (needed for scratch/pretrain; read from the checkpoint otherwise)
             dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
             remat=False,  # rematerialise each layer in training (saves activation memory)
+            # training, scoring and prefill attention: einsum (spelled out; also the path under
+            # attention dropout) | fused (jax.nn.dot_product_attention); same numbers within fp32
+            # rounding. einsum: fused measured 1.1-2.3x slower on CPU (bench/attention.py)
+            attention="einsum",
             # decoder-only train steps and reference scoring: the vocabulary head over this many target
             # positions at a time (0 = all at once); bounds the fp32 [rows, positions, vocab] logits
             logits_chunk=0,

@@ -61,6 +61,8 @@ def content_hash(config, examples) -> str:
     training = {k: v for k, v in flatten_config(config.pretrain).items() if not k.startswith(("cache_dir", "corpus"))}
     fields = {"family": config.model.family, "dtype": config.model.dtype,
               "scratch": flatten_config(config.model.scratch), "training": training}
+    if config.model.attention != "einsum":  # keyed only off the default, so existing caches keep their key
+        fields["attention"] = config.model.attention
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
@@ -129,5 +131,6 @@ def scratch_model_config(config, tokenizer):
     fields = {k: v for k, v in dict(config.model.scratch).items() if k != "tokenizer_vocab_size"}
     return family.config_class()(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat, **fields,
+        pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat,
+        attention=config.model.attention, **fields,
     )

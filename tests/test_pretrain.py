@@ -57,7 +57,7 @@ def test_content_hash_follows_the_corpus_text():
     assert key == pretrain.content_hash(config, list(corpus))
     assert key != pretrain.content_hash(config, changed)
     for field, value in (("model.scratch.intermediate_size", 128), ("pretrain.optimizer.learning_rate", 1e-3),
-                         ("pretrain.epochs", 9), ("model.dtype", "bfloat16")):
+                         ("pretrain.epochs", 9), ("model.dtype", "bfloat16"), ("model.attention", "fused")):
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) != key, field
     for field, value in (("seed", 5), ("pretrain.cache_dir", "/elsewhere"), ("sft.epochs", 1), ("method", "st")):
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) == key, field

@@ -16,6 +16,23 @@ Dtype = jnp.dtype
 
 NEG_INF = -1e9  # Large negative (not -inf) so fully masked rows stay finite in fp32 and bf16.
 
+# Attention implementations (model config field `attention`): "fused" hands training, scoring and
+# prefill attention to `jax.nn.dot_product_attention`; "einsum" spells it out (scores, mask,
+# softmax, weighted sum), which attention-probability dropout needs.
+ATTENTIONS = ("fused", "einsum")
+
+
+def check_attention(name: str) -> None:
+    if name not in ATTENTIONS:
+        raise ValueError(f"attention={name!r}: expected one of {ATTENTIONS}")
+
+
+def fused_attention(q, k, v, *, mask, bias=None, scale: float | None = None) -> jax.Array:
+    """q [B, T, N, Dh], k/v [B, S, K, Dh] (K divides N: grouped-query), mask bool and bias fp32,
+    both broadcastable to [B, N, T, S] -> [B, T, N, Dh]. Scores and softmax in fp32 whatever the
+    compute dtype. `implementation=None` lets JAX pick the kernel for the platform."""
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask, scale=scale)
+
 
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]):
     """Creates an fp32 master parameter annotated with logical axis names."""

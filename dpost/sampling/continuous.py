@@ -7,10 +7,10 @@ Three compiled programs per (model, slot count, cache shape, static sampling opt
 * ``refill_program``: ``prefill`` of a fixed number of prompts, its rows gathered for the
   (prompt, sample) rows that start now and written into their slots (rows whose slot is
   ``num_slots`` are dropped).
-* ``decode_program``: the sampler's decode ``while_loop`` over the slots. Each slot has its own
-  decode position, so ``decode_step`` is vmapped over rows (a batch of one per row: per-row cache
-  index, positions and masks). It leaves when enough slots are free to refill (``refill_at``), when
-  a calculator event needs the host, or when every slot is done.
+* ``decode_program``: the sampler's decode ``while_loop`` over the slots, one batched
+  ``decode_step`` per step (the models keep a per-row cache slot, position and key mask, so slots
+  at different positions share the step). It leaves when enough slots are free to refill
+  (``refill_at``), when a calculator event needs the host, or when every slot is done.
 
 The host loop (``run``) takes (prompt, sample) rows in order, refills free slots, harvests finished
 ones and answers calculator events. A row's randomness is keyed on (seed, prompt index, sample
@@ -22,33 +22,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpost import sharding as sharding_lib
 from dpost.data.batching import pad_rows
 from dpost.sampling import forcing
 from dpost.sampling.sampler import Program, StaticOptions, emit_tokens, row_state, take_queue
 
 REFILL_FRACTION = 8  # refill once this fraction (1/8) of the slots, and at least one, is free
-
-
-class RowScalar(NamedTuple):
-    """A model-state leaf that `prefill` returns as a scalar (the cache index): one per slot here."""
-
-    value: jax.Array
-
-
-def _is_row_scalar(x) -> bool:
-    return isinstance(x, RowScalar)
-
-
-def _rows_of(model_state, count: int):
-    """Prefill's model state with every scalar leaf made per-row (wrapped as RowScalar)."""
-    return jax.tree.map(lambda x: RowScalar(jnp.broadcast_to(x, (count,))) if x.ndim == 0 else x, model_state)
 
 
 def _prefill(module, opts: StaticOptions, params, prompt, prompt_mask):
@@ -60,8 +43,7 @@ def _empty(module, opts: StaticOptions, params, prompt):
     """Slot state with every slot finished; `prompt` [num_slots, P]: only its shape is read."""
     n = prompt.shape[0]
     logits, model = jax.eval_shape(lambda p: _prefill(module, opts, p, prompt, prompt), params)
-    model = jax.tree.map(lambda s: RowScalar(jnp.zeros((n,), s.dtype)) if s.ndim == 0 else jnp.zeros(s.shape, s.dtype),
-                         model)
+    model = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model)
     zeros = jnp.zeros((n,), jnp.int32)
     state = row_state(model, jnp.zeros(logits.shape, jnp.float32), zeros, zeros, jnp.ones((n,), bool), 0, opts)
     return _constrain_rows(state, opts)
@@ -79,32 +61,9 @@ def _refill(module, opts: StaticOptions, params, state, prompt, prompt_mask, sou
     `slot[k]` (== num_slots: no row)."""
     logits, model = _prefill(module, opts, params, prompt, prompt_mask)
     count = source.shape[0]
-    model = jax.tree.map(lambda x: x[source], _rows_of(model, prompt.shape[0]))
+    model = jax.tree.map(lambda x: x[source], model)
     new = row_state(model, logits[source], prompt_index, sample_index, jnp.zeros((count,), bool), calc_start, opts)
     return jax.tree.map(lambda old, rows: old.at[slot].set(rows.astype(old.dtype), mode="drop"), state, new)
-
-
-def _row_layout(opts: StaticOptions):
-    """The layout for the per-row (vmapped) decode step (its `batch` axis is the vmapped one, so
-    unconstrained inside), and the mesh axes of the vmapped batch axis."""
-    layout = opts.layout
-    rules = tuple((name, None if name == "batch" else axes) for name, axes in layout.rules)
-    return sharding_lib.Layout(layout.mesh, rules), layout.batch_axes or None
-
-
-def _decode_rows(module, opts: StaticOptions, params, tokens, model_state):
-    """`decode_step` per row, each a batch of one with its own cache index (vmapped over slots)."""
-    row_layout, batch_axes = _row_layout(opts)
-
-    def one(token, row):
-        batched = jax.tree.map(lambda x: x.value if _is_row_scalar(x) else x[None], row, is_leaf=_is_row_scalar)
-        with row_layout.activation_rules():
-            logits, new = module.apply({"params": params}, token[None], batched, method="decode_step")
-        new = jax.tree.map(lambda old, x: RowScalar(x) if _is_row_scalar(old) else x[0], row, new,
-                           is_leaf=_is_row_scalar)
-        return logits[0], new
-
-    return jax.vmap(one, spmd_axis_name=batch_axes)(tokens, model_state)
 
 
 def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temperature, top_p, seed,
@@ -117,7 +76,8 @@ def _decode(module, opts: StaticOptions, params, state, queue, queue_len, temper
 
     def body(st):
         st, token = emit_tokens(st, temperature, top_p, seed, next_state_table, event_table, opts)
-        logits, st["model"] = _decode_rows(module, opts, params, token, st["model"])
+        with opts.layout.activation_rules():
+            logits, st["model"] = module.apply({"params": params}, token, st["model"], method="decode_step")
         st["logits"] = logits.astype(jnp.float32)
         return st
 

@@ -278,7 +278,7 @@ def test_prefill_decode_match_torch(case):
     logits, state = _prefill_and_decode(cfg, params, prompt, prompt_mask, np.repeat(completion, n, 0)[:, :-1], max_new, n)
     assert logits.shape == ref.shape
     assert np.abs(np.asarray(logits) - ref).max() <= 1e-4
-    assert int(state["index"]) == max_new + 1
+    assert state["index"].tolist() == [max_new + 1] * (len(prompt) * n)  # per row
     assert len(state["cache"]) == cfg.num_decoder_layers  # one buffer per layer
     assert state["cache"][0]["k"].shape == (len(prompt) * n, max_new + 1, cfg.num_heads, cfg.d_kv)
     assert state["cross_kv"][-1]["v"].shape == (len(prompt) * n, prompt.shape[1], cfg.num_heads, cfg.d_kv)
@@ -420,7 +420,7 @@ def test_bf16_compute_smoke():
         lambda p: module.apply({"params": p}, prompt, prompt_mask, 4, 2, method="prefill"), params
     )
     assert state["cache"][0]["k"].dtype == jnp.bfloat16 and state["cross_kv"][0]["k"].dtype == jnp.bfloat16
-    assert state["index"].dtype == jnp.int32 and state["index"].shape == ()
+    assert state["index"].dtype == jnp.int32 and state["index"].shape == (len(prompt) * 2,)
 
 
 # -- sharded forward on 8 simulated CPU devices (child process) ---------------------------------------

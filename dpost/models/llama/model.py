@@ -9,6 +9,8 @@ scoring, training and sampling:
   prefill(prompt, prompt_mask, max_new_tokens, num_samples) -> (logits [B*n, V], state)
   decode_step(tokens [B*n], state) -> (logits [B*n, V], state)
 
+The decode state is per row (cache, key validity, position and cache slot of the next token), so a
+batch may hold rows at different positions (continuous batching refills finished rows).
 Prompts are left-padded so that every row's last prompt token sits at the same slot.
 
 `dropout_rate` > 0 (training only: the SFT step clones the module with it) drops attention
@@ -51,8 +53,10 @@ class LlamaConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
     remat: bool = False
+    attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
+        layers.check_attention(self.attention)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), float(v)) for k, v in dict(self.rope_scaling).items())))
 
@@ -94,6 +98,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+def write_rows(cache, new, index):
+    """Writes one step's keys or values new [B, KV, 1, D] into cache [B, KV, S, D] at slot
+    index[b] of each row b (rows decode at their own positions under continuous batching)."""
+    rows = jnp.arange(cache.shape[0])
+    return cache.at[rows, :, index].set(new[:, :, 0].astype(cache.dtype), mode="drop")
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     dropout_rate: float = 0.0
@@ -118,16 +129,9 @@ class Attention(nn.Module):
 
         b, t = q.shape[0], q.shape[1]
         g = h // kv
-        # Batch-leading layout [B, KV, G*T, D] x [B, KV, S, D]: query heads grouped by their shared
-        # KV head, so each group is one plain batched matmul (several times faster on CPU than
-        # contracting over interleaved batch axes).
-        q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # the cache layout [B, KV, S, D]
         if cache is not None and layer is None:  # this layer's own cache [B, KV, S, D] (unrolled decode)
-            cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0)),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, cache_index, 0)),
-            }
+            cache = {"k": write_rows(cache["k"], k, cache_index), "v": write_rows(cache["v"], v, cache_index)}
             k, v = cache["k"].astype(dt), cache["v"].astype(dt)
         elif cache is not None:
             # The whole-model cache [L, B, KV, S, D] rides in the layer scan's carry (prefill): this
@@ -148,7 +152,14 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2).astype(dt)  # [B, KV, G, Dh]
             out = out.reshape(b, 1, h, hd)
+        elif cfg.attention == "fused" and self.dropout_rate == 0:
+            out = layers.fused_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
+                                         scale=1 / math.sqrt(hd))
         else:
+            # Batch-leading layout [B, KV, G*T, D] x [B, KV, S, D]: query heads grouped by their
+            # shared KV head, so each group is one plain batched matmul (several times faster on CPU
+            # than contracting over interleaved batch axes).
+            q = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
             scores = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
             scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kv, g, t, s), NEG_INF)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * t, s)
@@ -290,23 +301,22 @@ class Llama(nn.Module):
             "cache": layers.repeat_batch(per_layer, num_samples),
             "kv_valid": kv_valid,
             "next_position": positions[:, -1] + 1,
-            "index": jnp.asarray(p, jnp.int32),
+            "index": jnp.full((b,), p, jnp.int32),  # per row: the slot its next token goes to
         }
-        state["kv_valid"], state["next_position"] = layers.repeat_batch(
-            (state["kv_valid"], state["next_position"]), num_samples
+        state["kv_valid"], state["next_position"], state["index"] = layers.repeat_batch(
+            (state["kv_valid"], state["next_position"], state["index"]), num_samples
         )
         return layers.repeat_batch(logits, num_samples), state
 
     def decode_step(self, tokens, state):
-        """One token per row. Layers run unrolled over per-layer caches and per-layer params (the
-        `decode_layout` of the params when the caller made it, else slices of the stacked ones): a
-        scanned loop would copy each layer's weights and cache slice out of the stacked buffers at
-        every step, which doubles the memory traffic of a memory-bound decode."""
+        """One token per row, written at the row's own cache slot `state["index"]` [B] (rows of a
+        continuous batch sit at different positions). Layers run unrolled over per-layer caches and
+        per-layer params (the `decode_layout` of the params when the caller made it, else slices of
+        the stacked ones): a scanned loop would copy each layer's weights and cache slice out of the
+        stacked buffers at every step, which doubles the memory traffic of a memory-bound decode."""
         cfg = self.config
         index = state["index"]
-        kv_valid = jax.lax.dynamic_update_slice(
-            state["kv_valid"], jnp.ones((tokens.shape[0], 1), bool), (0, index)
-        )
+        kv_valid = state["kv_valid"].at[jnp.arange(tokens.shape[0]), index].set(True, mode="drop")
         positions = state["next_position"][:, None]
         x = constrain(jnp.take(self.embed, tokens[:, None], axis=0).astype(cfg.compute_dtype),
                       ("batch", "length", "act_embed"))

@@ -90,8 +90,10 @@ class T5Config:
     eos_token_id: int | None = 1
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
     remat: bool = False
+    attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
+        layers.check_attention(self.attention)
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.scale_decoder_outputs is None:  # one flag for both facts, as before transformers 5
@@ -136,8 +138,8 @@ def relative_position_bucket(
 
 
 def position_bias(table: jax.Array, buckets: jax.Array) -> jax.Array:
-    """table [buckets, H] (fp32), buckets [T, S] -> additive bias [1, H, T, S] in fp32."""
-    return jnp.moveaxis(jnp.take(table, buckets, axis=0), -1, 0)[None]
+    """table [buckets, H] (fp32), buckets [B, T, S] -> additive bias [B, H, T, S] in fp32."""
+    return jnp.moveaxis(jnp.take(table, buckets, axis=0), -1, 1)
 
 
 class Attention(nn.Module):
@@ -164,10 +166,14 @@ class Attention(nn.Module):
         return k, v
 
     def __call__(self, x, k, v, bias, mask):
-        """x [B, T, D]; k, v [B, S, H, Dh]; bias [1|B, H, T, S] fp32 or None; mask bool, broadcastable."""
+        """x [B, T, D]; k, v [B, S, H, Dh]; bias [1|B, H, T, S] fp32 or None; mask bool [1|B, 1, 1|T, S]."""
         dt = self.config.compute_dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.q.astype(dt))
         q = constrain(q, ("batch", "length", "act_heads", None))
+        if self.config.attention == "fused" and self.dropout_rate == 0:
+            out = layers.fused_attention(q, k.astype(dt), v.astype(dt), mask=mask, bias=bias, scale=1.0)
+            out = constrain(out, ("batch", "length", "act_heads", None))
+            return jnp.einsum("btnh,nhd->btd", out, self.o.astype(dt))
         scores = jnp.einsum("btnh,bsnh->bnts", q, k.astype(dt), preferred_element_type=jnp.float32)
         if bias is not None:
             scores = scores + bias
@@ -233,8 +239,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(eps, dt, name="self_attn_norm")(x)
         k, v = attn.project_kv(h)
         if cache is not None:  # write this step's keys/values at cache_index, attend over the cache
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            k, v = _write(cache["k"], k, cache_index), _write(cache["v"], v, cache_index)
             cache = {"k": k, "v": v}
         x = x + dropout(rate)(attn(h, k, v, self_bias, self_mask))
 
@@ -250,6 +255,14 @@ class DecoderLayer(nn.Module):
 
         x = x + dropout(rate)(MLP(cfg, rate, name="mlp")(RMSNorm(eps, dt, name="mlp_norm")(x)))
         return constrain(x, ("batch", "length", "act_embed")), (cache, new_cross_kv)
+
+
+def _write(cache, new, index):
+    """new [B, T, H, Dh] into cache [B, S, H, Dh] from slot `index`: a scalar (prefill), or one slot
+    per row [B] for a single decode token (rows of a continuous batch sit at different positions)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0))
+    return cache.at[jnp.arange(cache.shape[0]), index].set(new[:, 0].astype(cache.dtype), mode="drop")
 
 
 def _scanned(layer_cls, config: T5Config, length: int, num_broadcast: int, num_sliced: int, name: str,
@@ -291,7 +304,7 @@ class Encoder(nn.Module):
         buckets = relative_position_bucket(
             pos[None, :] - pos[:, None], True, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         )
-        bias = position_bias(self.relpos, jnp.asarray(buckets))
+        bias = position_bias(self.relpos, jnp.asarray(buckets)[None])
         x, _ = self.layers(self.dropout(x), bias, mask[:, None, None, :])
         return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed"))
 
@@ -312,18 +325,19 @@ class Decoder(nn.Module):
 
         Without a cache: teacher forcing over T positions (causal). With a cache ({k, v} [L, B, S_dec,
         H, Dh] in prefill, a tuple of per-layer {k, v} [B, S_dec, H, Dh] when decoding): the T tokens
-        sit at slots cache_index.., attending to cache slots <= their own.
+        sit at slots cache_index.. (a scalar, or per row [B] when decoding), attending to cache slots
+        <= their own.
         Returns (hidden [B, T, D], cache, new_cross_kv).
         """
         cfg = self.config
         t = x.shape[1]
         if cache is None:
-            q_pos = jnp.arange(t)
+            q_pos = jnp.arange(t)[None]
             k_pos = jnp.arange(t)
             index = jnp.asarray(0, jnp.int32)
         else:
             index = jnp.asarray(cache_index, jnp.int32)
-            q_pos = index + jnp.arange(t)
+            q_pos = index.reshape(-1, 1) + jnp.arange(t)  # [1|B, T]
             slots = cache[0]["k"].shape[1] if isinstance(cache, tuple) else cache["k"].shape[2]
             k_pos = jnp.arange(slots)
         # Causal buckets depend only on the distance q - k >= 0: a host table over all distances.
@@ -333,9 +347,9 @@ class Decoder(nn.Module):
                 cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
             )
         )
-        distance = jnp.clip(q_pos[:, None] - k_pos[None, :], 0, by_distance.shape[0] - 1)
+        distance = jnp.clip(q_pos[:, :, None] - k_pos, 0, by_distance.shape[0] - 1)  # [1|B, T, S]
         bias = position_bias(self.relpos, by_distance[distance])
-        self_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        self_mask = (k_pos <= q_pos[:, :, None])[:, None]
         cross_mask = enc_mask.astype(bool)[:, None, None, :]
         if isinstance(cache, tuple):  # decoding: one cache and cross-kv buffer per layer, layers unrolled
             x, cache = self._unrolled(x, bias, self_mask, cross_mask, index, cache, cross_kv)
@@ -429,8 +443,8 @@ class T5(nn.Module):
         """Encodes once, runs the decoder on the start token (slot 0), then expands to B * num_samples rows.
 
         state: cache, a tuple of per-layer {k, v} [B*n, max_new_tokens + 1, H, Dh]; cross_kv, a tuple of
-        per-layer {k, v} [B*n, S, H, Dh]; enc_mask [B*n, S] bool; index int32 (the slot the next
-        decode_step token goes to).
+        per-layer {k, v} [B*n, S, H, Dh]; enc_mask [B*n, S] bool; index [B*n] int32 (the slot each row's
+        next decode_step token goes to: rows of a continuous batch differ).
         """
         b = prompt.shape[0]
         mask = prompt_mask.astype(bool)
@@ -448,7 +462,7 @@ class T5(nn.Module):
             "cache": layers.repeat_batch(per_layer(cache), num_samples),
             "cross_kv": layers.repeat_batch(per_layer(cross_kv), num_samples),
             "enc_mask": layers.repeat_batch(mask, num_samples),
-            "index": jnp.asarray(1, jnp.int32),
+            "index": jnp.ones((b * num_samples,), jnp.int32),  # per row: the slot its next token goes to
         }
         return layers.repeat_batch(logits, num_samples), state
 
