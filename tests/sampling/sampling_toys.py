@@ -213,6 +213,14 @@ def run_on_8_devices(script: str) -> None:
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
 
 
+def assert_same_samples(got, want, context) -> None:
+    """Same token ids per prompt and sample, log-probs within fp32 rounding."""
+    assert [[s.token_ids for s in p] for p in got] == [[s.token_ids for s in p] for p in want], context
+    a = np.concatenate([s.token_logprobs for p in got for s in p])
+    b = np.concatenate([s.token_logprobs for p in want for s in p])
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def random_prompts(n: int, vocab: int, rng: np.random.RandomState, low: int = 3, high: int = 30):
     return [rng.randint(3, vocab, rng.randint(low, high)).tolist() for _ in range(n)]
 
