@@ -23,7 +23,7 @@ import logging
 from dpost import distributed, faults, models, sampling, training
 from dpost.data import batching, builders, formatting, pipeline
 from dpost.data.gsm8k import Example
-from dpost.distributed import barrier  # noqa: F401 (also the driver's)
+from dpost.distributed import barrier
 from dpost.models.bundle import ModelBundle
 from dpost.sharding import Layout
 from dpost.workdir import StageDir, read_jsonl, write_jsonl_atomic
