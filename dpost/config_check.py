@@ -198,6 +198,7 @@ def rules() -> dict[str, Rule]:
         "checkpoint.every_steps": integer(1),
         "checkpoint.keep": integer(1),
         "log_every": integer(1),
+        "compilation_cache": Rule("'auto', 'off' or a directory", lambda v: isinstance(v, str) and v != ""),
     }
 
 

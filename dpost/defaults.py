@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 42  # the release's seed
     c.iterations = 3  # K
     c.progress = True  # progress bars on long stages
+    # compiled XLA programs kept on disk and reused across stages, methods and runs (dpost.compile_cache):
+    # "auto" = $DPOST_CACHE_DIR/xla (else ~/.cache/dpost/xla) | "off" | a directory
+    c.compilation_cache = "auto"
 
     c.model = ml_collections.ConfigDict(
         dict(

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from dpost import base_model, config_check, evaluation, memory, reports, sharding, stages
+from dpost import base_model, compile_cache, config_check, evaluation, memory, reports, sharding, stages
 from dpost.data import formatting
 from dpost.data.task import Task, load_task
 from dpost.models.bundle import ModelBundle
@@ -89,6 +89,7 @@ def run(config, workdir: str, config_path: str = "") -> dict:
     """Runs (or resumes) `config.method` in `workdir`; returns results.json's document, the same on
     every process (process 0 writes it, with report.md and accuracy.png)."""
     config_check.check(config)  # also for callers of the API; python -m dpost.main checked it already
+    compile_cache.enable(config)
     r = setup(config, workdir, config_path)
     sft, trained = train_sft(r, 0, stages.gold_labels(r.task.train, r.family))  # warm-up: SFT_0
     entries = [reports.sft_entry(0, trained, evaluate(r, 0, "sft", sft))]

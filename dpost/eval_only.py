@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from dpost import config_check, evaluation, models, reports, sharding
+from dpost import compile_cache, config_check, evaluation, models, reports, sharding
 from dpost.data.task import load_task
 from dpost.workdir import absolute
 
@@ -21,6 +21,7 @@ def evaluate_checkpoint(config, workdir: str, config_path: str = "") -> dict:
     """Evaluates `config.eval.checkpoint` on the task's eval sets; returns eval.json's document
     (the same on every process; process 0 writes it)."""
     config_check.check(config)
+    compile_cache.enable(config)
     source = config.eval.checkpoint
     layout = sharding.Layout.from_config(config)
     task = load_task(config, workdir)

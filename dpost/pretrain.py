@@ -21,26 +21,23 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 
 import jax
 from etils import epath
 
-from dpost import models
+from dpost import models, workdir
 from dpost.data import synthetic
 from dpost.models.bundle import ModelBundle
 from dpost.sharding import Layout
-from dpost.workdir import StageDir, absolute, flatten_config
+from dpost.workdir import StageDir, flatten_config
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "DPOST_CACHE_DIR"
 STAGE = "pretrain"
 
 
 def cache_root(config) -> epath.Path:
-    where = config.pretrain.cache_dir or os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/dpost")
-    return absolute(where)
+    return workdir.cache_root(config.pretrain.cache_dir)
 
 
 def corpus(config) -> list:

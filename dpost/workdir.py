@@ -23,9 +23,10 @@ from etils import epath
 from dpost import distributed
 
 MANIFEST = "manifest.json"
+CACHE_ENV = "DPOST_CACHE_DIR"
 CONFIG_FILE = "config.json"
 # Fields that may change between reruns without invalidating finished stages.
-RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.cache_dir")
+RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.cache_dir", "compilation_cache")
 # Fields the warm-up (iteration 0: SFT_0 and its evaluation) does not depend on: runs of different
 # methods with one seed share SFT_0 (`dpost.compare` copies it instead of training it again).
 LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "sampling.pairs.", "sampling.labels.")
@@ -83,6 +84,12 @@ def _json_default(obj):
 def absolute(path: str) -> epath.Path:
     """Orbax wants absolute paths; URLs (gs://...) are left as they are."""
     return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def cache_root(where: str = "") -> epath.Path:
+    """Where dpost caches across runs (pre-trained M0s, compiled programs): `where` if given, else
+    $DPOST_CACHE_DIR, else ~/.cache/dpost."""
+    return absolute(where or os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/dpost"))
 
 
 class RunDir:
