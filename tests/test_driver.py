@@ -1,16 +1,22 @@
 """End-to-end runs of `python -m dpost.main` on a tiny arith_tiny configuration (subprocesses).
 
 Covers: each method for one iteration; resume after SIGKILL-style crashes during sampling, DPO and
-SFT (the final results equal an uninterrupted run's, no stage output duplicated or lost); a changed
-config under an existing workdir is refused; bad input exits non-zero with a message naming it.
+SFT, one workdir crashed at each in turn (the final results equal an uninterrupted run's, no stage
+output duplicated or lost); model.dropout reaches the warm-up; a changed config under an existing
+workdir is refused; bad input exits non-zero with a message naming it.
+
+The runs share one persistent compilation cache, so each program compiles once per test session
+rather than once per subprocess; a cached executable is the compiled one, so results are unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -47,10 +53,17 @@ TINY = [
 ]
 
 
+@functools.cache
+def compilation_cache() -> dict[str, str]:
+    """Environment for the runs' shared JAX compilation cache (one temporary directory per session)."""
+    return dict(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="dpost_test_jax_cache_"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def run_main(workdir, *extra, env=None, check=True):
     cmd = [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={workdir}", *TINY, *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, **(env or {})))
+                          env=dict(os.environ, **compilation_cache(), **(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -138,47 +151,87 @@ def test_answer_only_questions_end_to_end(tmp_path):
     assert load_results(tmp_path)["stages"][2]["beyond_gold"] == len(labels) - 16
 
 
-def test_dropout_reaches_the_sft_stage(tmp_path, reference_run):
-    """model.dropout changes the warm-up's training (same config and seed otherwise)."""
-    run_main(tmp_path, "--config.method=sft", "--config.model.dropout=0.3")
+WHOLE_HEAD = "--config.model.logits_chunk=0"  # the other methods compute the whole vocabulary head at once
 
+
+@pytest.fixture(scope="module")
+def st_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("st")
+    run_main(workdir, "--config.method=st", WHOLE_HEAD)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """method=sft with dropout: its warm-up differs from st_run's in model.dropout only."""
+    workdir = tmp_path_factory.mktemp("sft")
+    run_main(workdir, "--config.method=sft", "--config.model.dropout=0.3", WHOLE_HEAD)
+    return workdir
+
+
+@pytest.mark.parametrize("method,stages", [("sft", [(0, "sft")]), ("st", [(0, "sft"), (1, "sft")])])
+def test_other_methods_end_to_end(request, method, stages):
+    workdir = request.getfixturevalue(f"{method}_run")
+    results = load_results(workdir)
+    assert [(s["iteration"], s["stage"]) for s in results["stages"]] == stages
+    assert not os.path.exists(os.path.join(workdir, "iter_1", "dpo"))
+
+
+def test_dropout_reaches_the_sft_stage(sft_run, st_run):
+    """model.dropout changes the warm-up's training (same config and seed otherwise: the warm-up
+    does not depend on the method)."""
     def final_loss(root):
         with open(os.path.join(root, "iter_0", "sft", "manifest.json")) as f:
             return json.load(f)["final_loss"]
 
-    assert abs(final_loss(tmp_path) - final_loss(reference_run)) > 1e-3
+    assert abs(final_loss(sft_run) - final_loss(st_run)) > 1e-3
 
 
-@pytest.mark.parametrize("method,stages", [("sft", [(0, "sft")]), ("st", [(0, "sft"), (1, "sft")])])
-def test_other_methods_end_to_end(tmp_path, method, stages):
-    run_main(tmp_path, f"--config.method={method}", "--config.model.logits_chunk=0")  # the whole head at once
-    results = load_results(tmp_path)
-    assert [(s["iteration"], s["stage"]) for s in results["stages"]] == stages
-    assert not os.path.exists(os.path.join(tmp_path, "iter_1", "dpo"))
+# Each stops a run (exit 17, no clean-up) part-way through a stage of iteration 1, in run order.
+CRASHES = {
+    "sampling": {"DPOST_TEST_KILL_AFTER_SHARD": "iter_1/sample_pairs:0"},
+    "dpo": {"DPOST_TEST_KILL_STAGE": "iter_1/dpo", "DPOST_TEST_KILL_AFTER_STEP": "2"},
+    "sft": {"DPOST_TEST_KILL_STAGE": "iter_1/sft", "DPOST_TEST_KILL_AFTER_STEP": "2"},
+}
 
 
-@pytest.mark.parametrize("crash", [
-    {"DPOST_TEST_KILL_AFTER_SHARD": "iter_1/sample_pairs:0"},
-    {"DPOST_TEST_KILL_STAGE": "iter_1/dpo", "DPOST_TEST_KILL_AFTER_STEP": "2"},
-    {"DPOST_TEST_KILL_STAGE": "iter_1/sft", "DPOST_TEST_KILL_AFTER_STEP": "2"},
-], ids=["sampling", "dpo", "sft"])
-def test_resume_after_crash_matches_uninterrupted(tmp_path, reference_run, crash):
-    killed = run_main(tmp_path, "--config.method=dpo_st", env=crash, check=False)
-    assert killed.returncode == 17, killed.stderr[-3000:]
-    assert not os.path.exists(os.path.join(tmp_path, "results.json"))
-    run_main(tmp_path, "--config.method=dpo_st")
-    assert comparable(load_results(tmp_path)) == comparable(load_results(reference_run))
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory):
+    """One workdir crashed in turn during sampling, DPO and SFT (each rerun resumes from the last
+    crash and runs into the next), then resumed to the end. Per crash: the killed process, whether
+    results.json existed after it, and whether the crashed stage was left unfinished (no manifest)."""
+    workdir = tmp_path_factory.mktemp("crashed")
+    stage_of = {"sampling": "sample_pairs", "dpo": "dpo", "sft": "sft"}
+    crashes = {}
+    for name, crash in CRASHES.items():
+        killed = run_main(workdir, "--config.method=dpo_st", env=crash, check=False)
+        crashes[name] = dict(proc=killed, results=os.path.exists(os.path.join(workdir, "results.json")),
+                             finished=os.path.exists(os.path.join(workdir, "iter_1", stage_of[name], "manifest.json")))
+    run_main(workdir, "--config.method=dpo_st")
+    return workdir, crashes
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_crash_stops_the_run_mid_stage(crashed_run, crash):
+    killed = crashed_run[1][crash]
+    assert killed["proc"].returncode == 17, killed["proc"].stderr[-3000:]
+    assert not killed["results"] and not killed["finished"]
+
+
+def test_resume_after_crashes_matches_uninterrupted(crashed_run, reference_run):
+    workdir = crashed_run[0]
+    assert comparable(load_results(workdir)) == comparable(load_results(reference_run))
     # No sampling shard lost or duplicated: the same files, each question once.
     for stage in ("sample_pairs", "sample_labels"):
-        ours = sorted(os.listdir(os.path.join(tmp_path, "iter_1", stage)))
+        ours = sorted(os.listdir(os.path.join(workdir, "iter_1", stage)))
         assert ours == sorted(os.listdir(os.path.join(reference_run, "iter_1", stage)))
         ids = []
         for name in ours:
             if name.startswith("shard_"):
-                with open(os.path.join(tmp_path, "iter_1", stage, name)) as f:
+                with open(os.path.join(workdir, "iter_1", stage, name)) as f:
                     ids += [json.loads(line)["id"] for line in f]
         assert len(ids) == len(set(ids)) == 48
-    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+    assert not [n for n in os.listdir(workdir) if ".tmp" in n]
 
 
 def test_rerun_of_finished_run_changes_nothing(reference_run):
