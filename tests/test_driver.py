@@ -5,18 +5,17 @@ SFT, one workdir crashed at each in turn (the final results equal an uninterrupt
 output duplicated or lost); model.dropout reaches the warm-up; a changed config under an existing
 workdir is refused; bad input exits non-zero with a message naming it.
 
-The runs share one persistent compilation cache, so each program compiles once per test session
-rather than once per subprocess; a cached executable is the compiled one, so results are unchanged.
+The runs share dpost's persistent compilation cache (`compilation_cache=auto`: $DPOST_CACHE_DIR/xla,
+one temporary directory per test session, set in conftest), so each program compiles once per
+session rather than once per subprocess; a cached executable is the compiled one.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -53,17 +52,10 @@ TINY = [
 ]
 
 
-@functools.cache
-def compilation_cache() -> dict[str, str]:
-    """Environment for the runs' shared JAX compilation cache (one temporary directory per session)."""
-    return dict(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="dpost_test_jax_cache_"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def run_main(workdir, *extra, env=None, check=True):
     cmd = [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={workdir}", *TINY, *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, **compilation_cache(), **(env or {})))
+                          env=dict(os.environ, **(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
