@@ -17,9 +17,9 @@ EOS and without special tokens.
 
 Determinism: the randomness of sample j of prompt i is keyed on (seed, i, j) only, never on
 batching, slots, companions or device count; so is everything it samples wherever the logits are
-bitwise equal. They are when the compiled shapes match (same padded prompt width and cache
-length); otherwise (static chunks are padded to their own longest prompt, continuous slots to the
-call's) they differ by fp32 rounding, which on a real model can flip a draw near a token
+bitwise equal. They are when the compiled shapes match (padded prompt width, cache length, rows
+per step); otherwise (static chunks are padded to their own longest prompt, continuous slots to
+the call's; slot counts and chunk sizes differ) they differ by fp32 rounding, which on a real model can flip a draw near a token
 boundary and let the sample continue differently (README, "Determinism"). Calculator-forced
 tokens count toward ``max_new_tokens``.
 
