@@ -16,12 +16,12 @@ equals ``models.sequence_logprobs`` of the completion. ``text`` decodes ``token_
 EOS and without special tokens.
 
 Determinism: the randomness of sample j of prompt i is keyed on (seed, i, j) only, never on
-batching, slots, companions or device count; so is everything it samples wherever the logits are
+batching, slots, companions or device count, so its tokens are equal wherever its logits are
 bitwise equal. They are when the compiled shapes match (padded prompt width, cache length, rows
 per step); otherwise (static chunks are padded to their own longest prompt, continuous slots to
-the call's; slot counts and chunk sizes differ) they differ by fp32 rounding, which on a real model can flip a draw near a token
-boundary and let the sample continue differently (README, "Determinism"). Calculator-forced
-tokens count toward ``max_new_tokens``.
+the call's; slot counts and chunk sizes differ) they differ by fp32 rounding, which on a real
+model can flip a draw near a token boundary and let the sample continue differently (README,
+"Determinism"). Calculator-forced tokens count toward ``max_new_tokens``.
 
 Batching (``dpost.sampling.continuous``): ``batch_size`` prompts' rows (default: up to 64 rows of
 ``num_samples`` each, times the mesh's batch shards; fewer rows: a power of two) decode in a fixed
