@@ -15,8 +15,13 @@ untempered distribution (fp32; calculator-forced tokens included), so ``sum(toke
 equals ``models.sequence_logprobs`` of the completion. ``text`` decodes ``token_ids`` without the
 EOS and without special tokens.
 
-Determinism: sample j of prompt i depends only on (seed, i, j) and the model, not on batching,
-slots, companions or device count. Calculator-forced tokens count toward ``max_new_tokens``.
+Determinism: the randomness of sample j of prompt i is keyed on (seed, i, j) only, never on
+batching, slots, companions or device count, so its tokens are equal wherever its logits are
+bitwise equal. They are when the compiled shapes match (padded prompt width, cache length, rows
+per step); otherwise (static chunks are padded to their own longest prompt, continuous slots to
+the call's; slot counts and chunk sizes differ) they differ by fp32 rounding, which on a real
+model can flip a draw near a token boundary and let the sample continue differently (README,
+"Determinism"). Calculator-forced tokens count toward ``max_new_tokens``.
 
 Batching (``dpost.sampling.continuous``): ``batch_size`` prompts' rows (default: up to 64 rows of
 ``num_samples`` each, times the mesh's batch shards; fewer rows: a power of two) decode in a fixed
@@ -24,7 +29,8 @@ number of slots; a finished row's slot is refilled with the next waiting (prompt
 decode steps go to live rows. Results come back in the order of ``prompts``. Prompts are padded to
 2^k x (1, 1.25, 1.5 or 1.75) (>= 16) or to the smallest of ``length_buckets`` that fits the call's
 longest prompt, so a run compiles a handful of programs. ``batching="static"``: length-sorted chunks
-of ``batch_size`` prompts, each decoded to its longest row (same samples). Under a ``mesh``
+of ``batch_size`` prompts, each padded to its own longest prompt and decoded to its longest row
+(the same samples up to fp32 rounding). Under a ``mesh``
 (default: the bundle's) rows are sharded over ``data``/``fsdp`` and heads over ``tensor``.
 """
 

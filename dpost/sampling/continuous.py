@@ -15,7 +15,9 @@ Three compiled programs per (model, slot count, cache shape, static sampling opt
 The host loop (``run``) takes (prompt, sample) rows in order, refills free slots, harvests finished
 ones and answers calculator events. A row's randomness is keyed on (seed, prompt index, sample
 index, its own decode position) (``sampler.emit_tokens``), so what it samples does not depend on
-its slot, its companions or when it started: the outputs equal static batching's.
+its slot, its companions or when it started. Every slot is padded to the call's longest prompt,
+so the outputs equal static batching's bit for bit where a static chunk has that width and as
+many rows as there are slots, and up to fp32 rounding elsewhere (see the package doc).
 """
 
 from __future__ import annotations

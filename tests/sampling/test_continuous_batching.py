@@ -78,6 +78,13 @@ def test_continuous_equals_static(bundles, family, kw, monkeypatch):
     assert min(lengths) < kw["max_new_tokens"] // 2 and max(lengths) == kw["max_new_tokens"], lengths
     # and the slot count changes nothing either
     assert_same(sampling.generate(bundle, prompts, batch_size=1, **kw), static)
+    # Static chunks of 2 prompts, each padded to its own longest prompt (continuous slots: to the
+    # call's): other cache lengths, the same samples on this model (on a real one only up to fp32
+    # rounding, README "Determinism").
+    by_length = sorted(len(p) for p in prompts)
+    widths = {sampling.prompt_length_bucket(max(by_length[k : k + 2])) for k in range(0, len(prompts), 2)}
+    assert len(widths) > 1, widths
+    assert_same(sampling.generate(bundle, prompts, batching="static", batch_size=2, **kw), static)
 
 
 # (script the model wants to write: very different lengths, calculator annotations in both formats)
