@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama 2/3, TinyLlama, SmolLM2) as a Flax linen module.
 
 Layers are scanned (`nn.scan`): parameters carry a leading `layers` axis, which keeps compile time
-independent of depth. Attention supports any number of KV heads (grouped-query attention) and an
-explicit KV cache for the sampler. Every family module exposes the same three entry points used by
+independent of depth (`scan_layers=False` runs the same stacked params in a Python loop instead).
+Attention supports any number of KV heads (grouped-query attention) and an explicit KV cache for
+the sampler. Every family module exposes the same three entry points used by
 scoring, training and sampling:
 
   completion_logits(prompt, prompt_mask, completion, completion_mask) -> [B, C, V]
