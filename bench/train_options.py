@@ -6,7 +6,8 @@
 
 Random-init weights of the named shapes (the families' known.py tables; `tiny` is the CPU default's
 Llama), one SFT step (AdamW, fp32 masters) per variant on random tokens. Prints per variant: the
-first call's seconds (compile + one step), median step seconds over the --steps after it, the compiled step's
+first call's seconds (compile + one step), median step seconds over the --steps after it (wall and
+process CPU; the ratios are of CPU seconds, steadier on a shared machine), the compiled step's
 temporaries (XLA's memory_analysis: activations + gradients) and each ratio to the first
 variant. Timings on a shared CPU move with its load; the load average is printed.
 """
@@ -77,6 +78,7 @@ def main():
                                           "moments=bfloat16")
     args = ap.parse_args()
 
+    import flax.linen as nn
     import jax
     import numpy as np
 
@@ -84,7 +86,7 @@ def main():
 
     family_name, cfg = model_config(args.model, args.dtype)
     family = models.get_family(family_name)
-    params = jax.jit(lambda key: __import__("flax").linen.unbox(family.init_params(cfg, key)))(jax.random.key(0))
+    params = jax.jit(lambda key: nn.unbox(family.init_params(cfg, key)))(jax.random.key(0))
     rng = np.random.default_rng(0)
     vocab = cfg.vocab_size
     batches = [{"prompt": rng.integers(3, vocab, (args.batch, args.prompt), dtype=np.int32),
@@ -101,23 +103,27 @@ def main():
         step = training.make_sft_step(family.make_module(cfg.replace(**fields)), tx,
                                       lr_schedule=training.make_schedule(ocfg))
         state = training.create_train_state(jax.tree.map(lambda x: x.copy(), params), tx)
-        times = []
+        times, cpu = [], []
         for b in batches:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             state, metrics = step(state, b)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         temp = next(iter(step.programs.values())).memory_analysis().temp_size_in_bytes
         # the first call compiles (Step compiles ahead of time once per signature) and runs once
-        rows.append((variant, times[0], statistics.median(times[1:]), temp, float(metrics["loss"])))
+        rows.append((variant, times[0], cpu[0], statistics.median(times[1:]), statistics.median(cpu[1:]), temp,
+                     float(metrics["loss"])))
 
     print(f"SFT step, {args.model} ({family_name}, {cfg.num_layers} layers) {args.dtype}, batch {args.batch} x "
           f"({args.prompt} + {args.target}) tokens, {jax.devices()[0].device_kind}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; median of {args.steps} steps after the first")
-    print(f"{'variant':<28} {'1st call s':>9} {'x':>5} {'step s':>8} {'x':>5} {'temp MiB':>9} {'x':>5} {'loss':>8}")
-    _, c0, s0, m0, _ = rows[0]
-    for variant, c, s, m, loss in rows:
-        print(f"{variant:<28} {c:9.2f} {c / c0:5.2f} {s:8.3f} {s / s0:5.2f} {m / 2**20:9.1f} {m / m0:5.2f} {loss:8.4f}")
+    print(f"{'variant':<28} {'1st call s':>10} {'cpu s':>8} {'x cpu':>5} {'step s':>8} {'cpu s':>8} {'x cpu':>5} "
+          f"{'temp MiB':>9} {'x':>5} {'loss':>8}")
+    _, _, cc0, _, sc0, m0, _ = rows[0]
+    for variant, c, cc, s, sc, m, loss in rows:
+        print(f"{variant:<28} {c:10.2f} {cc:8.2f} {cc / cc0:5.2f} {s:8.3f} {sc:8.3f} {sc / sc0:5.2f} "
+              f"{m / 2**20:9.1f} {m / m0:5.2f} {loss:8.4f}")
 
 
 if __name__ == "__main__":
