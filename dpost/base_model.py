@@ -12,6 +12,7 @@ import dataclasses
 from dpost import models, pretrain
 from dpost.sharding import Layout
 from dpost.data.task import Task
+from dpost.models import layers
 from dpost.models.bundle import ModelBundle
 
 
@@ -32,8 +33,10 @@ def load(config, task: Task, layout: Layout) -> tuple[ModelBundle, dict | None]:
 
 
 def with_model_options(bundle: ModelBundle, config) -> ModelBundle:
-    """The bundle with the run's `model.remat` and `model.attention` (a checkpoint carries its own)."""
-    options = {"remat": bool(config.model.remat), "attention": config.model.attention}
+    """The bundle with the run's `model.remat`, `model.scan_layers` and `model.attention` (a
+    checkpoint carries its own)."""
+    options = {"remat": layers.remat_name(config.model.remat), "scan_layers": bool(config.model.scan_layers),
+               "attention": config.model.attention}
     if all(getattr(bundle.config, k) == v for k, v in options.items()):
         return bundle
     model_config = dataclasses.replace(bundle.config, **options)

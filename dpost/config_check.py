@@ -96,6 +96,8 @@ def _weights_source(allow_scratch: bool, allow_empty: bool) -> Rule:
 
 
 def _optimizer_rules(prefix: str) -> dict[str, Rule]:
+    from dpost.training.optimizer import MOMENTS_DTYPES
+
     return {
         f"{prefix}.learning_rate": number(0, low_open=True),
         f"{prefix}.weight_decay": number(0),
@@ -105,6 +107,7 @@ def _optimizer_rules(prefix: str) -> dict[str, Rule]:
         f"{prefix}.b1": number(0, 1, high_open=True),
         f"{prefix}.b2": number(0, 1, high_open=True),
         f"{prefix}.eps": number(0, low_open=True),
+        f"{prefix}.moments_dtype": one_of(MOMENTS_DTYPES),
     }
 
 
@@ -131,7 +134,7 @@ def rules() -> dict[str, Rule]:
     from dpost.data.builders import SIMILARITIES
     from dpost.data.task import SOURCES as DATA_SOURCES
     from dpost.training.steps import DPO_REFERENCES
-    from dpost.models.layers import ATTENTIONS
+    from dpost.models.layers import ATTENTIONS, REMATS
     from dpost.models.registry import FAMILIES
     from dpost.training.losses import LOSS_TYPES
 
@@ -145,7 +148,9 @@ def rules() -> dict[str, Rule]:
         "model.family": one_of(("",) + tuple(FAMILIES)),
         "model.dtype": one_of(DTYPES),
         "model.dropout": number(0, 1, high_open=True),
-        "model.remat": BOOLEAN,
+        "model.remat": Rule("one of " + ", ".join(map(repr, REMATS)) + " (or True / False: full / none)",
+                            lambda v: isinstance(v, bool) or v in REMATS),
+        "model.scan_layers": BOOLEAN,
         "model.attention": one_of(ATTENTIONS),
         "model.logits_chunk": integer(0),
         "data.source": one_of(DATA_SOURCES),

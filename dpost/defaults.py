@@ -22,6 +22,9 @@ def optimizer_fields(**overrides) -> ml_collections.ConfigDict:
             b1=0.9,
             b2=0.999,
             eps=1e-8,
+            # AdamW's first moment in float32 | bfloat16 (less memory, different numerics: see
+            # dpost.training.optimizer); the second moment stays float32
+            moments_dtype="float32",
         )
     )
     cfg.update(overrides)
@@ -69,7 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
             source="",
             family="",  # llama | t5 (needed for scratch/pretrain; read from the checkpoint otherwise)
             dtype="float32",  # compute dtype (params stay fp32 masters): float32 | bfloat16
-            remat=False,  # rematerialise each layer in training (saves activation memory)
+            # what each layer keeps for the backward pass in training (dpost.models.layers.REMATS):
+            # none | full (only its input: the layer is recomputed) | dots (weight-matmul outputs:
+            # attention and element-wise work recomputed); True / False read as full / none
+            remat=ml_collections.FieldReference(False, field_type=object),
+            # training, scoring and prefill layers in one nn.scan (compile time independent of depth)
+            # | False: a Python loop over the same stacked params (no per-layer copies in and out of
+            # the scan's buffers; BENCHMARKS.md "Training-step options" for when it pays)
+            scan_layers=True,
             # training, scoring and prefill attention: einsum (spelled out; also the path under
             # attention dropout) | fused (jax.nn.dot_product_attention); same numbers within fp32
             # rounding. einsum: fused measured 1.1-2.3x slower on CPU (bench/attention.py)

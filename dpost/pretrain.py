@@ -56,6 +56,8 @@ def content_hash(config, examples) -> str:
     for ex in examples:
         h.update(f"{ex.question}\x1f{ex.answer}\x1e".encode())
     training = {k: v for k, v in flatten_config(config.pretrain).items() if not k.startswith(("cache_dir", "corpus"))}
+    if training.get("optimizer.moments_dtype") == "float32":  # keyed only off the default, as attention below
+        del training["optimizer.moments_dtype"]
     fields = {"family": config.model.family, "dtype": config.model.dtype,
               "scratch": flatten_config(config.model.scratch), "training": training}
     if config.model.attention != "einsum":  # keyed only off the default, so existing caches keep their key
@@ -129,5 +131,5 @@ def scratch_model_config(config, tokenizer):
     return family.config_class()(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, dtype=config.model.dtype, remat=config.model.remat,
-        attention=config.model.attention, **fields,
+        scan_layers=config.model.scan_layers, attention=config.model.attention, **fields,
     )

@@ -55,6 +55,7 @@ def optimizer_config(opt_cfg, total_steps: int) -> training.OptimizerConfig:
         learning_rate=opt_cfg.learning_rate, total_steps=total_steps, weight_decay=opt_cfg.weight_decay,
         warmup_ratio=opt_cfg.warmup_ratio, min_lr_rate=opt_cfg.min_lr_rate,
         max_grad_norm=opt_cfg.max_grad_norm or None, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+        moments_dtype=opt_cfg.moments_dtype,
     )
 
 

@@ -30,6 +30,11 @@ RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.
 # Fields the warm-up (iteration 0: SFT_0 and its evaluation) does not depend on: runs of different
 # methods with one seed share SFT_0 (`dpost.compare` copies it instead of training it again).
 LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "sampling.pairs.", "sampling.labels.")
+# Fields added after runs were recorded, with the default that behaves as before the field existed:
+# at that default a field is left out of the hash and the config guard, so earlier runs keep their
+# stage hashes and resume.
+ADDED_FIELDS = {"model.scan_layers": True,
+                **{f"{stage}.optimizer.moments_dtype": "float32" for stage in ("sft", "dpo", "pretrain")}}
 
 
 def flatten_config(config) -> dict[str, Any]:
@@ -50,8 +55,13 @@ def flatten_config(config) -> dict[str, Any]:
     return out
 
 
+def keyed_fields(flat: dict[str, Any]) -> dict[str, Any]:
+    """The fields a run's identity depends on: all but ADDED_FIELDS at their defaults."""
+    return {k: v for k, v in flat.items() if k not in ADDED_FIELDS or _norm(v) != ADDED_FIELDS[k]}
+
+
 def config_hash(flat: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
-    kept = {k: v for k, v in flat.items() if not k.startswith(RUNTIME_FIELDS + ignore)}
+    kept = {k: v for k, v in keyed_fields(flat).items() if not k.startswith(RUNTIME_FIELDS + ignore)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -104,10 +114,11 @@ class RunDir:
         """Refuses to continue a run whose stored config differs (names the changed fields)."""
         path = self.root / CONFIG_FILE
         if path.exists():
-            stored = json.loads(path.read_text())["config"]
+            stored = keyed_fields(json.loads(path.read_text())["config"])
+            flat = keyed_fields(self.flat)
             changed = sorted(
-                k for k in set(stored) | set(self.flat)
-                if not k.startswith(RUNTIME_FIELDS) and _norm(stored.get(k, "<absent>")) != _norm(self.flat.get(k, "<absent>"))
+                k for k in set(stored) | set(flat)
+                if not k.startswith(RUNTIME_FIELDS) and _norm(stored.get(k, "<absent>")) != _norm(flat.get(k, "<absent>"))
             )
             if changed:
                 details = ", ".join(f"{k}: {stored.get(k, '<absent>')!r} -> {self.flat.get(k, '<absent>')!r}" for k in changed[:8])

@@ -13,7 +13,9 @@ Terms:
   params        fp32 master parameters; each leaf's shard is its shape divided by the mesh axes its
                 logical axes map to (`sharding.param_shardings`, non-dividing axes dropped).
   grads         fp32, sharded like the params; x2 when grad_accum > 1 (accumulator + micro-batch).
-  adam          AdamW first and second moments: 2 x params.
+  adam          AdamW first and second moments: 2 x params, or 1.5 x params with
+                `<stage>.optimizer.moments_dtype=bfloat16` (the first moment in bf16; the second
+                stays fp32).
   ref params    DPO with `dpo.reference=in_step` keeps the reference model's fp32 params.
   weight copies training: in bf16 the per-step cast of this device's shards (params x a/4);
                 sampling: the decode copy of the params (split per layer, in the compute dtype:
@@ -28,9 +30,19 @@ Terms:
                 the compute dtype; the MLP keeps gate, up, activation and product), the logits'
                 working set G = b*C*V*(8 + a') (fp32 logits + their gradient, a' = a when the compute
                 dtype is not fp32; C = model.logits_chunk when a decoder-only head is chunked), and the
-                layer input X = N*d*a:
-                  without remat:  sum(R over layers) + max(R, G)        (+ one layer's backward)
-                  with remat:     sum(X over layers) + max(1.5 R, G)    (one layer recomputed)
+                layer input X = N*d*a. By `model.remat`:
+                  none:  sum(R over layers) + max(R, G)             (+ one layer's backward)
+                  full:  sum(X over layers) + max(1.5 R, G)         (one layer recomputed)
+                  dots:  sum(X + D over layers) + max(1.5 R, G)     (the recomputation counted as full's:
+                         an upper bound, 34% over the compiled arith_tiny SFT step on CPU)
+                where D are the weight-matmul outputs the dots policy keeps (attention scores are
+                recomputed), in the compute dtype:
+                  decoder-only layer:  D = N*a*(2d + H*Dh + 2*K*Dh + 2F)
+                  T5 encoder layer:    D = N*a*(2d + 3*H*Dh + 2F)
+                  T5 decoder layer:    D = N*a*(3d + 4*H*Dh + 2F) + b*P*a*2*H*Dh
+                (2F: the gated MLP's two input projections; a relu T5 keeps one, so F is over-counted).
+                `model.scan_layers=False` (a Python loop over the layers) is planned as the scan:
+                the same residuals are kept either way.
                 The coefficients are counted from XLA's buffer assignment of the compiled train
                 step (tests/memory/test_plan.py checks the total within 20% of `memory_analysis()`);
                 accelerator compilers fuse more, so treat them as the upper end.
@@ -89,6 +101,19 @@ def t5_decoder_layer_residuals(s: Shape, b: int, p: int, c: int) -> int:
             + b * s.h * c * (c + p) * (4 + s.a))
 
 
+def decoder_layer_dots(s: Shape, b: int, t: int) -> int:
+    """Decoder-only layer: weight-matmul outputs (q, k, v, o, gate, up, down) kept by remat=dots."""
+    return b * t * s.a * (2 * s.d + s.h * s.dh + 2 * s.k * s.dh + 2 * s.f)
+
+
+def t5_encoder_layer_dots(s: Shape, b: int, p: int) -> int:
+    return b * p * s.a * (2 * s.d + 3 * s.h * s.dh + 2 * s.f)
+
+
+def t5_decoder_layer_dots(s: Shape, b: int, p: int, c: int) -> int:
+    return b * c * s.a * (3 * s.d + 4 * s.h * s.dh + 2 * s.f) + b * p * s.a * 2 * s.h * s.dh
+
+
 def forward_working_set(s: Shape, b: int, t_q: int, t_k: int) -> int:
     """One layer's forward pass with nothing kept (inference, the in-step reference, prefill)."""
     n = b * t_q
@@ -100,23 +125,27 @@ def logits_working_set(s: Shape, b: int, c: int) -> int:
     return b * c * s.v * (8 + (s.a if s.a != 4 else 0))
 
 
-def training_activations(family: str, s: Shape, b: int, p: int, c: int, remat: bool, logits_chunk: int = 0) -> int:
-    """Peak activation bytes of one forward + backward over b sequences (prompt p, target c tokens);
-    decoder-only models with `logits_chunk` hold the head's logits for that many positions at once."""
+def training_activations(family: str, s: Shape, b: int, p: int, c: int, remat: str, logits_chunk: int = 0) -> int:
+    """Peak activation bytes of one forward + backward over b sequences (prompt p, target c tokens)
+    under the remat policy (none | full | dots); decoder-only models with `logits_chunk` hold the
+    head's logits for that many positions at once."""
     g = logits_working_set(s, b, min(c, logits_chunk) if family == "llama" and logits_chunk else c)
     if family == "llama":
         t = p + c
         r = decoder_layer_residuals(s, b, t)
-        if remat:
-            return s.layers * b * t * s.d * s.a + max(int(1.5 * r), g)
-        return s.layers * r + max(r, g)
+        if remat == "none":
+            return s.layers * r + max(r, g)
+        kept = b * t * s.d * s.a + (decoder_layer_dots(s, b, t) if remat == "dots" else 0)
+        return s.layers * kept + max(int(1.5 * r), g)
     r_enc = t5_encoder_layer_residuals(s, b, p)
     r_dec = t5_decoder_layer_residuals(s, b, p, c)
     r_max = max(r_enc, r_dec)
-    if remat:
-        kept = s.layers * b * p * s.d * s.a + s.dec_layers * b * c * s.d * s.a + b * p * s.d * s.a
-        return kept + max(int(1.5 * r_max), g)
-    return s.layers * r_enc + s.dec_layers * r_dec + max(r_max, g)
+    if remat == "none":
+        return s.layers * r_enc + s.dec_layers * r_dec + max(r_max, g)
+    kept = s.layers * b * p * s.d * s.a + s.dec_layers * b * c * s.d * s.a + b * p * s.d * s.a
+    if remat == "dots":
+        kept += s.layers * t5_encoder_layer_dots(s, b, p) + s.dec_layers * t5_decoder_layer_dots(s, b, p, c)
+    return kept + max(int(1.5 * r_max), g)
 
 
 def inference_activations(family: str, s: Shape, b: int, p: int, c: int) -> int:

@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 HINTS = {
     "params": "shard the parameters over more devices (a larger mesh fsdp axis) or add tensor parallelism",
     "grads": "shard over more devices (mesh fsdp) or use grad_accum=1 (accumulation keeps a second gradient copy)",
-    "adam": "shard the optimizer state over more devices (a larger mesh fsdp axis)",
+    "adam": "shard the optimizer state over more devices (a larger mesh fsdp axis), or set "
+            "{stage}.optimizer.moments_dtype=bfloat16",
     "ref params": "use dpo.reference=precomputed (reference log-probs scored once, no reference weights in the step)",
-    "weight copies": "set model.remat=True (only two layers' all-gathered copies live at once)",
-    "activations": "set model.remat=True, model.logits_chunk (decoder-only), raise {stage}.grad_accum, or spread "
+    "weight copies": "set model.remat=full or dots (only two layers' all-gathered copies live at once)",
+    "activations": "set model.remat=full (or dots, which keeps the matmul outputs), model.logits_chunk "
+                   "(decoder-only), raise {stage}.grad_accum, or spread "
                    "the batch over more devices (mesh data/fsdp)",
     "kv cache": "lower sampling.{stage}.batch_size (or num_samples / max_new_tokens), or shard KV heads (mesh tensor)",
 }
@@ -48,7 +50,8 @@ class StageRow:
     used: bool  # whether a run of this config executes the stage (method, dpo.reference)
     batch: str  # what one device processes, in words
     terms: dict  # term name -> bytes per device (summed into total)
-    activations_remat: int | None = None  # training rows: both alternatives, for the table
+    # training rows: both alternatives, for the table (remat: the run's policy, full when it is none)
+    activations_remat: int | None = None
     activations_no_remat: int | None = None
     notes: dict = dataclasses.field(default_factory=dict)  # term name -> how it was computed
 
@@ -69,7 +72,7 @@ class Plan:
     origin: str  # where the model's shapes came from
     model_config: Any
     dtype: str
-    remat: bool
+    remat: str  # dpost.models.layers.REMATS
     mesh: dict  # {data, fsdp, tensor}
     num_devices: int
     param_count: int
@@ -101,6 +104,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 def _dtype_bytes(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def adam_bytes(param_bytes: int, moments_dtype: str) -> int:
+    """AdamW's two moments for fp32 params of `param_bytes`: the first in `moments_dtype`, the
+    second always fp32 (optax's mu_dtype covers only the first; dpost.training.optimizer)."""
+    return param_bytes + param_bytes * _dtype_bytes(moments_dtype) // 4
 
 
 def _method_stages(config) -> set:
@@ -168,7 +177,8 @@ def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory
               layers=widths["layers"], dec_layers=widths["dec_layers"])
     batch_shards = layout.batch_shards
     p, c = int(config.data.max_prompt_len), int(config.data.max_target_len)
-    remat = bool(model.config.remat)
+    remat = model.config.remat
+    remat_on = remat != "none"
     chunk = int(config.model.logits_chunk)
     # Weight copies. Training in bf16 casts this device's shards once per step (layers.compute_params:
     # a bf16 copy of the same size ratio); the sampler decodes from its own copy of the params, split
@@ -178,7 +188,7 @@ def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory
     two_layers = 2 * max(info.layer_gathered.values(), default=0)
     fsdp = sizes["fsdp"] > 1
     cast_copy = info.per_device * a // 4 if a != 4 else 0
-    copies_train = cast_copy + (((two_layers if remat else info.layers_gathered) + info.rest_gathered) * a // 4
+    copies_train = cast_copy + (((two_layers if remat_on else info.layers_gathered) + info.rest_gathered) * a // 4
                                 if fsdp else 0)
     copies_infer = info.per_device * a // 4 + ((two_layers + info.rest_gathered) * a // 4 if fsdp else 0)
     used = _method_stages(config)
@@ -194,29 +204,31 @@ def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory
     # -- SFT ----------------------------------------------------------------------------------
     accum = int(config.sft.grad_accum)
     b = per_device_rows(int(config.sft.batch_size), accum, "sft")
-    act_r = training_activations(model.family, s, b, p, c, True, chunk)
-    act_n = training_activations(model.family, s, b, p, c, False, chunk)
+    policy = remat if remat_on else "full"  # the table's remat column when the run does not remat
+    act_r = training_activations(model.family, s, b, p, c, policy, chunk)
+    act_n = training_activations(model.family, s, b, p, c, "none", chunk)
     seq = f"{p}+{c}" if model.family == "llama" else f"{p}->{c}"
     rows.append(StageRow(
         "sft", "sft" in used, f"{b} seq x {seq} tok",
-        {"params": info.per_device, "grads": info.per_device * (2 if accum > 1 else 1), "adam": 2 * info.per_device,
-         "weight copies": copies_train, "activations": act_r if remat else act_n},
+        {"params": info.per_device, "grads": info.per_device * (2 if accum > 1 else 1),
+         "adam": adam_bytes(info.per_device, config.sft.optimizer.moments_dtype),
+         "weight copies": copies_train, "activations": act_r if remat_on else act_n},
         act_r, act_n,
-        notes={"activations": f"{b} sequences of {seq} tokens per device, remat {'on' if remat else 'off'}"},
+        notes={"activations": f"{b} sequences of {seq} tokens per device, remat {report.remat_words(remat)}"},
     ))
 
     # -- DPO ------------------------------------------------------------------------------------
     accum = int(config.dpo.grad_accum)
     pairs = per_device_rows(int(config.dpo.batch_size), accum, "dpo")
     pairs_full = _ceil_div(int(config.dpo.batch_size), batch_shards)
-    act_r = training_activations(model.family, s, 2 * pairs, p, c, True, chunk)
-    act_n = training_activations(model.family, s, 2 * pairs, p, c, False, chunk)
+    act_r = training_activations(model.family, s, 2 * pairs, p, c, policy, chunk)
+    act_n = training_activations(model.family, s, 2 * pairs, p, c, "none", chunk)
     ref_ws = inference_activations(model.family, s, 2 * pairs_full, p, c)
     for reference in ("in_step", "precomputed"):
         in_step = reference == "in_step"
-        pick = act_r if remat else act_n
+        pick = act_r if remat_on else act_n
         terms = {"params": info.per_device, "grads": info.per_device * (2 if accum > 1 else 1),
-                 "adam": 2 * info.per_device}
+                 "adam": adam_bytes(info.per_device, config.dpo.optimizer.moments_dtype)}
         if in_step:
             terms["ref params"] = info.per_device
         terms["weight copies"] = copies_train

@@ -27,6 +27,10 @@ def _cell(n: int | None, unit: int) -> str:
     return f"{n / unit:.2f}" if unit == GiB else f"{n / unit:.1f}"
 
 
+def remat_words(remat: str) -> str:
+    return {"none": "off", "full": "on"}.get(remat, f"{remat} (weight-matmul outputs kept)")
+
+
 def mesh_str(mesh: Mapping[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh.items())
 
@@ -39,7 +43,7 @@ def format_plan(p) -> str:
         f"dpost memory plan{': ' + p.config_name if p.config_name else ''}",
         f"model   {p.family} {p.source} ({_count(p.param_count)} params, fp32 masters {fmt(p.param_bytes)}; "
         f"shapes from {p.origin})",
-        f"        compute {p.dtype}, remat {'on' if p.remat else 'off'}",
+        f"        compute {p.dtype}, remat {remat_words(p.remat)}",
         f"mesh    {mesh_str(p.mesh)} ({p.num_devices} device{'s' if p.num_devices != 1 else ''})",
         f"device  {fmt(p.device_memory_bytes)} per device ({p.device_memory_source})",
         f"per-device {uname}; * = stage this config runs; act = activations, the one in the total marked <",
@@ -54,7 +58,7 @@ def format_plan(p) -> str:
         ar = _cell(r.activations_remat, unit)
         an = _cell(r.activations_no_remat, unit)
         if training:
-            ar, an = (ar + "<", an) if p.remat else (ar, an + "<")
+            ar, an = (ar + "<", an) if p.remat != "none" else (ar, an + "<")
         else:
             ar, an = (ar + "<", an + "<") if r.activations_remat == r.activations_no_remat else (ar, an)
         budget = p.device_memory_bytes

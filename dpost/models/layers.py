@@ -27,6 +27,49 @@ def check_attention(name: str) -> None:
         raise ValueError(f"attention={name!r}: expected one of {ATTENTIONS}")
 
 
+# What each training layer keeps for the backward pass (`model.remat`):
+#   none  everything (no recomputation)
+#   full  only the layer input; the whole layer is recomputed in the backward pass
+#   dots  the outputs of the weight matmuls (projections and MLP); attention scores, softmax,
+#         norms and activations are recomputed. jax's `dots_with_no_batch_dims_saveable`: the
+#         attention contractions carry batch dimensions, so their [T, S]-sized outputs are not
+#         kept (`checkpoint_dots` would keep them: memory quadratic in the sequence length).
+REMATS = ("none", "full", "dots")
+
+
+def remat_name(value) -> str:
+    """`model.remat` as one of REMATS; booleans (configs and checkpoints before the policies) read
+    as True -> full, False -> none."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMATS:
+        raise ValueError(f"remat={value!r}: expected one of {REMATS} (or True / False)")
+    return value
+
+
+def remat_layer(layer_cls, remat: str, scanned: bool = True):
+    """The linen layer class wrapped for the remat policy (unchanged for none). Unscanned layers
+    need CSE prevention, or XLA merges the recomputation back into the forward pass."""
+    policies = {"full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if remat == "none":
+        return layer_cls
+    return nn.remat(layer_cls, prevent_cse=not scanned, policy=policies[remat])
+
+
+def unrolled_layers(module: nn.Module, layer: nn.Module, carry, *args, with_index: bool = False):
+    """`scan_layers=False`: the unbound `layer` applied in a Python loop over slices of `module`'s
+    stacked `layers` params (the scan's layout, so checkpoints and sharding do not change). The
+    carry threads through; `args` go to every layer, followed by the layer's index when
+    `with_index`. Layer i draws its dropout rng from `module` (masks differ from the scan's split)."""
+    stacked = module.variables["params"]["layers"]
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        rngs = {"dropout": module.make_rng("dropout")} if layer.dropout_rate else {}
+        index = (i,) if with_index else ()
+        carry = layer.apply({"params": layer_params(stacked, i)}, carry, *args, *index, rngs=rngs)[0]
+    return carry
+
+
 def fused_attention(q, k, v, *, mask, bias=None, scale: float | None = None) -> jax.Array:
     """q [B, T, N, Dh], k/v [B, S, K, Dh] (K divides N: grouped-query), mask bool and bias fp32,
     both broadcastable to [B, N, T, S] -> [B, T, N, Dh]. Scores and softmax in fp32 whatever the

@@ -86,7 +86,8 @@ def _scratch_config(family_name: str, scratch: Mapping[str, Any]):
 
 
 def model_shapes(config) -> ModelShapes:
-    """Family and family config of `config.model` (dtype and remat from it), without loading weights."""
+    """Family and family config of `config.model` (dtype, remat and scan_layers from it), without
+    loading weights."""
     m = config.model
     source = str(m.source)
     if source in ("scratch", "pretrain"):
@@ -104,5 +105,6 @@ def model_shapes(config) -> ModelShapes:
         else:
             fam, cfg = sources.read_model_info(sources.orbax_root(location), source)
             family, origin = fam.name, sources.MODEL_INFO_FILE
-    cfg = dataclasses.replace(cfg, dtype=str(m.dtype) if m.dtype else "float32", remat=bool(m.remat))
+    cfg = dataclasses.replace(cfg, dtype=str(m.dtype) if m.dtype else "float32", remat=m.remat,
+                              scan_layers=bool(m.scan_layers))
     return ModelShapes(family, cfg, source, origin)

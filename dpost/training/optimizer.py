@@ -4,6 +4,12 @@ AdamW with decoupled weight decay (not applied to norm scales and biases, as tra
 `Trainer`), global-norm gradient clipping, and a linear warm-up over `warmup_ratio` of the steps
 followed by a cosine decay to `min_lr_rate` x peak (transformers'
 `cosine_with_min_lr`). Parameters stay fp32 masters; the compute dtype is the model's business.
+
+`moments_dtype="bfloat16"` stores AdamW's first moment in bf16 (optax's `mu_dtype`), saving a
+quarter of the optimizer state; this changes the numerics: each step computes the new first moment
+in fp32 from the bf16-stored one and the fp32 gradient, applies it unrounded, then stores it rounded
+to bf16. The second moment stays fp32 (optax has no dtype option for it, and its squared gradients
+span a range bf16's 8-bit mantissa would coarsen most where the update divides by them).
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class OptimizerConfig:
     kind: str = "adamw"  # "adamw" | "sgd" (sgd: plain `p -= lr * g`, for tests and ablations)
     schedule: str = "cosine"  # "cosine" (warm-up + cosine to min_lr_rate) | "constant"
     no_decay_pattern: str = r"(bias|norm)"  # params whose path matches get no weight decay
+    moments_dtype: str = "float32"  # AdamW's first moment: MOMENTS_DTYPES (the second stays fp32)
+
+
+MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 def warmup_steps(cfg: OptimizerConfig) -> int:
@@ -79,6 +89,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     step builders log it as `learning_rate`.
     """
     schedule = make_schedule(cfg)
+    if cfg.moments_dtype not in MOMENTS_DTYPES:
+        raise ValueError(f"unknown moments_dtype {cfg.moments_dtype!r}; expected one of {MOMENTS_DTYPES}")
     parts = []
     if cfg.max_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
@@ -91,6 +103,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
                 eps=cfg.eps,
                 weight_decay=cfg.weight_decay,
                 mask=lambda p: decay_mask(p, cfg.no_decay_pattern),
+                mu_dtype=jnp.dtype(cfg.moments_dtype),
             )
         )
     elif cfg.kind == "sgd":

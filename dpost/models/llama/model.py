@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama 2/3, TinyLlama, SmolLM2) as a Flax linen module.
 
 Layers are scanned (`nn.scan`): parameters carry a leading `layers` axis, which keeps compile time
-independent of depth. Attention supports any number of KV heads (grouped-query attention) and an
-explicit KV cache for the sampler. Every family module exposes the same three entry points used by
+independent of depth (`scan_layers=False` runs the same stacked params in a Python loop instead).
+Attention supports any number of KV heads (grouped-query attention) and an explicit KV cache for
+the sampler. Every family module exposes the same three entry points used by
 scoring, training and sampling:
 
   completion_logits(prompt, prompt_mask, completion, completion_mask) -> [B, C, V]
@@ -52,11 +53,13 @@ class LlamaConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
-    remat: bool = False
+    remat: str = "none"  # layers.REMATS (True / False read as full / none): what a training layer keeps
+    scan_layers: bool = True  # training, scoring and prefill layers in nn.scan; False: a Python loop
     attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
         layers.check_attention(self.attention)
+        object.__setattr__(self, "remat", layers.remat_name(self.remat))
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), float(v)) for k, v in dict(self.rope_scaling).items())))
 
@@ -217,11 +220,8 @@ class Llama(nn.Module):
         self.embed = param_with_axes(
             self, "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")
         )
-        layer = DecoderLayer
-        if cfg.remat:
-            layer = nn.remat(layer, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         self.layers = nn.scan(
-            layer,
+            layers.remat_layer(DecoderLayer, cfg.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),  # positions, mask, cache index; layer index
@@ -241,7 +241,12 @@ class Llama(nn.Module):
         x = jnp.take(self.embed, tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "act_embed"))
         index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        (x, cache), _ = self.layers((x, cache), positions, mask, index, jnp.arange(self.config.num_layers))
+        cfg = self.config
+        if cfg.scan_layers or self.is_initializing():
+            (x, cache), _ = self.layers((x, cache), positions, mask, index, jnp.arange(cfg.num_layers))
+        else:
+            layer = layers.remat_layer(DecoderLayer, cfg.remat, scanned=False)(cfg, self.dropout_rate, parent=None)
+            x, cache = layers.unrolled_layers(self, layer, (x, cache), positions, mask, index, with_index=True)
         return self.final_norm(x), cache
 
     def vocab_head(self):

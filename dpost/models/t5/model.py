@@ -89,11 +89,13 @@ class T5Config:
     pad_token_id: int | None = 0
     eos_token_id: int | None = 1
     dtype: str = "float32"  # compute dtype; parameters are always fp32 masters
-    remat: bool = False
+    remat: str = "none"  # layers.REMATS (True / False read as full / none): what a training layer keeps
+    scan_layers: bool = True  # training and scoring layers in nn.scan; False: a Python loop (prefill scans)
     attention: str = "einsum"  # layers.ATTENTIONS: training, scoring and prefill attention
 
     def __post_init__(self):
         layers.check_attention(self.attention)
+        object.__setattr__(self, "remat", layers.remat_name(self.remat))
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.scale_decoder_outputs is None:  # one flag for both facts, as before transformers 5
@@ -267,10 +269,8 @@ def _write(cache, new, index):
 
 def _scanned(layer_cls, config: T5Config, length: int, num_broadcast: int, num_sliced: int, name: str,
              dropout_rate: float):
-    if config.remat:
-        layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     return nn.scan(
-        layer_cls,
+        layers.remat_layer(layer_cls, config.remat),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_sliced,
@@ -305,7 +305,12 @@ class Encoder(nn.Module):
             pos[None, :] - pos[:, None], True, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         )
         bias = position_bias(self.relpos, jnp.asarray(buckets)[None])
-        x, _ = self.layers(self.dropout(x), bias, mask[:, None, None, :])
+        x, mask = self.dropout(x), mask[:, None, None, :]
+        if cfg.scan_layers or self.is_initializing():
+            x, _ = self.layers(x, bias, mask)
+        else:
+            layer = layers.remat_layer(EncoderLayer, cfg.remat, scanned=False)(cfg, self.dropout_rate, parent=None)
+            x = layers.unrolled_layers(self, layer, x, bias, mask)
         return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed"))
 
 
@@ -354,6 +359,10 @@ class Decoder(nn.Module):
         if isinstance(cache, tuple):  # decoding: one cache and cross-kv buffer per layer, layers unrolled
             x, cache = self._unrolled(x, bias, self_mask, cross_mask, index, cache, cross_kv)
             return constrain(self.final_norm(x), ("batch", "length", "act_embed")), cache, None
+        if cache is None and not (cfg.scan_layers or self.is_initializing()):  # teacher forcing, unrolled
+            layer = layers.remat_layer(DecoderLayer, cfg.remat, scanned=False)(cfg, self.dropout_rate, parent=None)
+            x = layers.unrolled_layers(self, layer, self.dropout(x), bias, self_mask, enc, cross_mask, index, None, None)
+            return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed")), None, None
         x, (cache, new_cross_kv) = self.layers(self.dropout(x), bias, self_mask, enc, cross_mask, index, cache, cross_kv)
         return constrain(self.dropout(self.final_norm(x)), ("batch", "length", "act_embed")), cache, new_cross_kv
 
