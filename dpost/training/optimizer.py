@@ -19,7 +19,6 @@ import math
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util

@@ -17,7 +17,7 @@ import pytest
 
 from dpost import stages
 from dpost.data import builders, synthetic
-from dpost.data.gsm8k import Example, extract_answer, is_correct
+from dpost.data.gsm8k import extract_answer, is_correct
 
 # -- the transcription ---------------------------------------------------------------------------
 

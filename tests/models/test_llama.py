@@ -17,7 +17,6 @@ import transformers
 
 from dpost import models
 from dpost.data import batching
-from dpost.models import layers
 from tests.conftest import data_dir, smollm2_path
 
 TINY_CONFIGS = {
