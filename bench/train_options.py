@@ -37,15 +37,9 @@ def model_config(name: str, dtype: str):
     family_name, hub_id = MODELS[name]
     family = models.get_family(family_name)
     if hub_id is None:
-        import importlib.util
+        from attention import default_model_config  # bench/attention.py: arith_tiny's model.scratch shape
 
-        spec = importlib.util.spec_from_file_location("arith_tiny", os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith_tiny.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        scratch = dict(module.get_config().model.scratch)
-        vocab = scratch.pop("tokenizer_vocab_size", 512)
-        return family_name, family.config_class()(vocab_size=vocab, dtype=dtype, **scratch)
+        return family_name, default_model_config().replace(dtype=dtype)
     hf, _ = known_hf_config(hub_id)
     return family_name, family.config_from_hf(hf).replace(dtype=dtype)
 

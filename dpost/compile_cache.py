@@ -33,7 +33,7 @@ def directory(setting: str) -> str | None:
     """The cache directory a `compilation_cache` value names, None when off."""
     if setting == OFF:
         return None
-    return str(cache_root() / "xla" if setting in ("", AUTO) else absolute(setting))
+    return str(cache_root() / "xla" if setting == AUTO else absolute(setting))
 
 
 def enable(config) -> None:

@@ -55,9 +55,9 @@ def content_hash(config, examples) -> str:
     h = hashlib.sha256()
     for ex in examples:
         h.update(f"{ex.question}\x1f{ex.answer}\x1e".encode())
-    training = {k: v for k, v in flatten_config(config.pretrain).items() if not k.startswith(("cache_dir", "corpus"))}
-    if training.get("optimizer.moments_dtype") == "float32":  # keyed only off the default, as attention below
-        del training["optimizer.moments_dtype"]
+    keyed = workdir.keyed_fields(flatten_config(config))  # fields added later are keyed only off their defaults
+    training = {k.removeprefix("pretrain."): v for k, v in keyed.items()
+                if k.startswith("pretrain.") and not k.startswith(("pretrain.cache_dir", "pretrain.corpus"))}
     fields = {"family": config.model.family, "dtype": config.model.dtype,
               "scratch": flatten_config(config.model.scratch), "training": training}
     if config.model.attention != "einsum":  # keyed only off the default, so existing caches keep their key
