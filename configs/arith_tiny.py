@@ -41,8 +41,10 @@ def get_config():
     c.pretrain.optimizer.learning_rate = 3e-3
 
     c.data.source = "synthetic"
-    c.data.synthetic = dict(n_train=500, n_dev=200, n_test=500, min_steps=2, max_steps=3, max_start=20,
-                            max_operand=9, max_factor=4, max_value=200, commute=0.2)
+    # n_test_extra: test questions drawn after train and dev, appended to test (train, dev and the
+    # first n_test unchanged): more held-out questions for a comparison's power, nothing else.
+    c.data.synthetic = dict(n_train=500, n_dev=200, n_test=500, n_test_extra=0, min_steps=2, max_steps=3,
+                            max_start=20, max_operand=9, max_factor=4, max_value=200, commute=0.2)
     c.data.eval_splits = ("dev", "test")
     c.data.max_prompt_len = 128
     c.data.max_target_len = 160

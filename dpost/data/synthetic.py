@@ -183,21 +183,25 @@ def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty(), name
 
 
 def make_splits(seed: int, n_train: int, n_dev: int, n_test: int,
-                difficulty: Difficulty = Difficulty(), max_tries_factor: int = 20) -> dict[str, list[Example]]:
+                difficulty: Difficulty = Difficulty(), max_tries_factor: int = 20,
+                n_test_extra: int = 0) -> dict[str, list[Example]]:
     """Disjoint, deterministic splits (unique question texts across and within splits).
 
-    Drawn in the order test, dev, train from one ``random.Random(seed)`` stream. Ids follow
+    Drawn in the order test, dev, train from one ``random.Random(seed)`` stream, then
+    ``n_test_extra`` more test questions appended to test: drawn last, so a larger test set
+    leaves train, dev and the first ``n_test`` test questions as they were. Ids follow
     ``gsm8k.load_jsonl`` (``{split}-{row}``) so written and reloaded splits are identical.
     """
     rng = random.Random(seed)
     seen: set[str] = set()
-    out: dict[str, list[Example]] = {}
-    for split, n in (("test", n_test), ("dev", n_dev), ("train", n_train)):
-        rows: list[Example] = []
+    out: dict[str, list[Example]] = {"test": []}
+    for split, n in (("test", n_test), ("dev", n_dev), ("train", n_train), ("test", n_test + n_test_extra)):
+        rows: list[Example] = out.get(split, [])
+        n_drawn = len(rows)
         tries = 0
         while len(rows) < n:
             tries += 1
-            if tries > max_tries_factor * n + 100:
+            if tries > max_tries_factor * (n - n_drawn) + 100:
                 raise ValueError(f"synthetic task too small for {n} unique {split} questions; "
                                  "raise the difficulty ranges")
             row = make_problem(rng, difficulty)

@@ -186,3 +186,13 @@ def test_tokenizer_loads_with_transformers(splits, tokenizer, tmp_path):
     assert direct.decode(direct.encode(text, add_special_tokens=False)) == text
     assert auto.eos_token == "</s>" and auto.pad_token == "<pad>" and auto.bos_token == "<s>"
     assert auto.encode(text, add_special_tokens=False) == direct.encode(text, add_special_tokens=False)
+
+
+def test_extra_test_questions_leave_train_dev_and_test_as_they_were(splits):
+    more = synthetic.make_splits(seed=7, n_train=400, n_dev=50, n_test=50, n_test_extra=30)
+    assert more["train"] == splits["train"] and more["dev"] == splits["dev"]
+    assert more["test"][:50] == splits["test"] and len(more["test"]) == 80
+    assert [e.id for e in more["test"][50:]] == [f"test-{i}" for i in range(50, 80)]
+    held_in = {e.question for e in splits["train"] + splits["dev"] + splits["test"]}
+    extra = [e.question for e in more["test"][50:]]
+    assert len(set(extra)) == 30 and not set(extra) & held_in

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -212,9 +214,17 @@ def test_config_check_accepts_every_remat_policy_and_the_booleans(value):
     config_check.check(config)
 
 
+def _arith_tiny_config():
+    path = pathlib.Path(__file__).parents[2] / "configs" / "arith_tiny.py"
+    spec = importlib.util.spec_from_file_location("config_arith_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def test_new_fields_at_their_defaults_keep_existing_runs_hashes_and_resume(tmp_path):
     """A config recorded before the fields existed has the same hash, and its workdir resumes."""
-    config = defaults.base_config()
+    config = _arith_tiny_config()  # has every added field, data.synthetic.n_test_extra included
     flat = workdir.flatten_config(config)
     before = {k: v for k, v in flat.items() if k not in workdir.ADDED_FIELDS}
     assert set(workdir.ADDED_FIELDS) <= set(flat)
