@@ -12,7 +12,6 @@ class Family:
     name: str
     package: str  # dpost.models.<family>: model.py (module, config), params.py (conversion), known.py (hub shapes)
     hf_architectures: tuple[str, ...]
-    hf_auto_class: str  # transformers Auto class that loads an exported checkpoint
 
     @property
     def model(self) -> Any:
@@ -55,8 +54,8 @@ class Family:
 
 
 FAMILIES = {
-    "llama": Family("llama", "dpost.models.llama", ("LlamaForCausalLM",), "AutoModelForCausalLM"),
-    "t5": Family("t5", "dpost.models.t5", ("T5ForConditionalGeneration",), "AutoModelForSeq2SeqLM"),
+    "llama": Family("llama", "dpost.models.llama", ("LlamaForCausalLM",)),
+    "t5": Family("t5", "dpost.models.t5", ("T5ForConditionalGeneration",)),
 }
 
 

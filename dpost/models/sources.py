@@ -55,12 +55,12 @@ def _resolve_hf_dir(location: str, source: str) -> str:
     try:  # a hub id: download (users with network access)
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.bin"])
+        return snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as err:  # noqa: BLE001 - report any hub failure with the source named
         raise ValueError(f"{source}: not a local directory and the hub download failed: {err}") from err
 
 
-def _hf_tensor_getter(folder: str, hf_config: dict, source: str) -> Callable[[str], np.ndarray]:
+def _hf_tensor_getter(folder: str, source: str) -> Callable[[str], np.ndarray]:
     from safetensors import safe_open
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -76,17 +76,10 @@ def _hf_tensor_getter(folder: str, hf_config: dict, source: str) -> Callable[[st
 
         return get
     if any(f.endswith(".bin") for f in os.listdir(folder)):
-        # PyTorch pickles are loaded by transformers (weights_only) when torch is installed.
-        try:
-            import transformers  # noqa: F401
-            import torch  # noqa: F401
-        except ImportError:
-            raise ValueError(f"{source}: only PyTorch .bin weights found; install torch or convert to safetensors")
-        family = family_for_hf_config(hf_config, source)
-        auto = getattr(__import__("transformers"), family.hf_auto_class)
-        state = {k: v.float().numpy() for k, v in auto.from_pretrained(folder).state_dict().items()}
-        return state.__getitem__
-    raise ValueError(f"{source}: no *.safetensors or *.bin weights in {folder}")
+        # PyTorch .bin files are pickles: dpost never unpickles files (nor imports torch at run time).
+        raise ValueError(f"{source}: only PyTorch .bin weights found; dpost reads safetensors: convert them with "
+                         "transformers (`from_pretrained(folder).save_pretrained(out, safe_serialization=True)`)")
+    raise ValueError(f"{source}: no *.safetensors weights in {folder}")
 
 
 def _load_tokenizer(folder: str, source: str, **kwargs):
@@ -111,7 +104,7 @@ def _from_hf(location: str, source: str):
     folder = _resolve_hf_dir(location, source)
     hf_config = read_hf_config(folder, source)
     family = family_for_hf_config(hf_config, source)
-    getter = _hf_tensor_getter(folder, hf_config, source)
+    getter = _hf_tensor_getter(folder, source)
     config = family.settle_config(family.config_from_hf(hf_config), getter, source)
     tokenizer = _load_tokenizer(folder, source) if _has_tokenizer(folder) else None
     return family, config, getter, tokenizer

@@ -56,3 +56,13 @@ def test_missing_tensor_names_tensor(tmp_path):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensor 'model\.norm\.weight'"):
         models.load(f"hf:{folder}")
+
+
+def test_pytorch_pickles_are_refused_not_unpickled(tmp_path):
+    """A folder with only `.bin` weights gets the conversion to run; the pickle is never opened
+    (its bytes here are not a valid pickle, so opening it would fail differently)."""
+    folder = _tiny_llama_dir(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"only PyTorch \.bin weights found; dpost reads safetensors.*save_pretrained"):
+        models.load(f"hf:{folder}")
