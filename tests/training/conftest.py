@@ -34,8 +34,8 @@ _BACKGROUND = {"test_training_sharded": "sharded", "test_resume_after_kill": "re
 def pytest_collection_modifyitems(session, config, items):
     """Start the child-process checks now, so they overlap the in-process tests, and move the
     tests that wait for them to the end of the session."""
-    if os.environ.get("DPOST_TEST_BACKGROUND", "1") == "0":
-        return
+    if os.environ.get("DPOST_TEST_BACKGROUND", "1") == "0" or config.option.collectonly:
+        return  # nothing runs on --collect-only, so nothing starts
     waiting = [item for item in items if any(f in item.nodeid for f in _BACKGROUND)]
     for fragment, job in sorted(_BACKGROUND.items(), key=lambda kv: kv[1] != "resume"):
         if any(fragment in item.nodeid for item in waiting):
