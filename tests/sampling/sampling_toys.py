@@ -199,9 +199,10 @@ def fast_compile():
         yield
 
 
-def run_on_8_devices(script: str) -> None:
+def run_on_8_devices(script: str, check: bool = True):
     """Runs `script` in a subprocess (XLA_FLAGS must be set before jax is imported; the script does)
-    with this folder as argv[1] and the repository on the path; it must print OK."""
+    with this folder as argv[1] and the repository on the path; with `check` it must print OK.
+    Returns the finished process (stdout, stderr as text)."""
     import subprocess
     import sys
 
@@ -210,7 +211,9 @@ def run_on_8_devices(script: str) -> None:
     env = dict(os.environ, DPOST_SAMPLER_FAST_COMPILE="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", script, here], capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    if check:
+        assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
 
 
 def assert_same_samples(got, want, context) -> None:
