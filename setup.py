@@ -30,6 +30,6 @@ setup(
     ],
     extras_require={
         # References and peers for tests/benchmarks only: never imported by dpost itself.
-        "test": ["pytest", "torch==2.13.0", "accelerate", "trl"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "accelerate", "trl"],
     },
 )

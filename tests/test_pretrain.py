@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpost import pretrain
-from dpost.data import synthetic
+from dpost.data import synthetic, task
 from tests.memory.test_plan import load_config
 
 
@@ -41,8 +41,7 @@ def test_built_once_reused_then_rebuilt_on_change(tmp_path):
 def test_corpus_is_disjoint_from_the_task():
     config = tiny("unused", **{"pretrain.corpus.n": 2000})
     corpus = pretrain.corpus(config)
-    s = dict(config.data.synthetic)
-    splits = synthetic.make_splits(1234, s.pop("n_train"), s.pop("n_dev"), s.pop("n_test"), synthetic.Difficulty(**s))
+    splits = synthetic.splits_from_fields(task.SYNTHETIC_DATA_SEED, dict(config.data.synthetic))
     task_questions = {ex.question for rows in splits.values() for ex in rows}
     assert len({ex.question for ex in corpus}) == 2000
     assert not task_questions & {ex.question for ex in corpus}

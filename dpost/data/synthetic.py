@@ -213,6 +213,19 @@ def make_splits(seed: int, n_train: int, n_dev: int, n_test: int,
     return {s: out[s] for s in ("train", "dev", "test")}
 
 
+def splits_from_fields(seed: int, fields: dict) -> dict[str, list[Example]]:
+    """`make_splits` from a config's `data.synthetic` fields: the split sizes and `n_test_extra`, the
+    rest `Difficulty` fields (a misspelled one is a config error naming the field)."""
+    fields = dict(fields)
+    sizes = {k: fields.pop(k) for k in ("n_train", "n_dev", "n_test")}
+    n_test_extra = fields.pop("n_test_extra", 0)
+    try:
+        difficulty = Difficulty(**fields)
+    except TypeError as err:
+        raise ValueError(f"config field 'data.synthetic': {err}") from None
+    return make_splits(seed, **sizes, difficulty=difficulty, n_test_extra=n_test_extra)
+
+
 def make_corpus(seed: int, n: int, difficulty: Difficulty) -> list[Example]:
     """``n`` distinct problems for pre-training: the task's generator with ``CORPUS_NAMES``, so no
     corpus question can equal a question of the task's splits (whose names are ``NAMES``)."""

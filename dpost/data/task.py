@@ -41,9 +41,6 @@ def _take(examples: list[Example], n: int) -> list[Example]:
 
 
 def _synthetic(config, workdir: str) -> Task:
-    s = dict(config.data.synthetic)
-    n_train, n_dev, n_test = s.pop("n_train"), s.pop("n_dev"), s.pop("n_test")
-    n_test_extra = s.pop("n_test_extra", 0)
     vocab_size = int(config.model.scratch.get("tokenizer_vocab_size", 512)) if config.model.scratch else 512
     folder = epath.Path(workdir) / "data"
     files = {split: folder / f"{split}.jsonl" for split in ("train", "dev", "test")}
@@ -52,8 +49,7 @@ def _synthetic(config, workdir: str) -> Task:
         import jax
 
         if jax.process_index() == 0:
-            splits = synthetic.make_splits(SYNTHETIC_DATA_SEED, n_train, n_dev, n_test, synthetic.Difficulty(**s),
-                                             n_test_extra=n_test_extra)
+            splits = synthetic.splits_from_fields(SYNTHETIC_DATA_SEED, dict(config.data.synthetic))
             synthetic.train_tokenizer(synthetic.tokenizer_corpus(splits["train"]), str(tok_dir), vocab_size)
             synthetic.write_splits(str(folder), splits)
         from dpost import distributed

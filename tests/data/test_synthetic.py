@@ -196,3 +196,11 @@ def test_extra_test_questions_leave_train_dev_and_test_as_they_were(splits):
     held_in = {e.question for e in splits["train"] + splits["dev"] + splits["test"]}
     extra = [e.question for e in more["test"][50:]]
     assert len(set(extra)) == 30 and not set(extra) & held_in
+
+
+def test_config_fields_build_the_splits_and_a_misspelled_one_is_named():
+    fields = dict(n_train=400, n_dev=50, n_test=50, n_test_extra=30)
+    more = synthetic.make_splits(seed=7, n_train=400, n_dev=50, n_test=50, n_test_extra=30)
+    assert synthetic.splits_from_fields(7, fields) == more
+    with pytest.raises(ValueError, match=r"config field 'data.synthetic': .*max_stepz"):
+        synthetic.splits_from_fields(7, dict(fields, max_stepz=3))

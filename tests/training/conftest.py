@@ -36,6 +36,8 @@ def pytest_collection_modifyitems(session, config, items):
     tests that wait for them to the end of the session."""
     if os.environ.get("DPOST_TEST_BACKGROUND", "1") == "0" or config.option.collectonly:
         return  # nothing runs on --collect-only, so nothing starts
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # every xdist worker collects every test: each job starts when its test asks for it
     waiting = [item for item in items if any(f in item.nodeid for f in _BACKGROUND)]
     for fragment, job in sorted(_BACKGROUND.items(), key=lambda kv: kv[1] != "resume"):
         if any(fragment in item.nodeid for item in waiting):
