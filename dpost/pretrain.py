@@ -43,11 +43,7 @@ def cache_root(config) -> epath.Path:
 def corpus(config) -> list:
     fields = dict(config.pretrain.corpus)
     n, seed = fields.pop("n"), fields.pop("seed")
-    try:
-        difficulty = synthetic.Difficulty(**fields)
-    except TypeError as err:  # a misspelled generator field
-        raise ValueError(f"config field 'pretrain.corpus': {err}") from None
-    return synthetic.make_corpus(seed, n, difficulty)
+    return synthetic.make_corpus(seed, n, synthetic.difficulty_from_fields(fields, "pretrain.corpus"))
 
 
 def content_hash(config, examples) -> str:

@@ -219,11 +219,16 @@ def splits_from_fields(seed: int, fields: dict) -> dict[str, list[Example]]:
     fields = dict(fields)
     sizes = {k: fields.pop(k) for k in ("n_train", "n_dev", "n_test")}
     n_test_extra = fields.pop("n_test_extra", 0)
-    try:
-        difficulty = Difficulty(**fields)
-    except TypeError as err:
-        raise ValueError(f"config field 'data.synthetic': {err}") from None
+    difficulty = difficulty_from_fields(fields, "data.synthetic")
     return make_splits(seed, **sizes, difficulty=difficulty, n_test_extra=n_test_extra)
+
+
+def difficulty_from_fields(fields: dict, config_key: str) -> Difficulty:
+    """A config's generator fields as a `Difficulty`; a misspelled field is an error naming `config_key`."""
+    try:
+        return Difficulty(**fields)
+    except TypeError as err:
+        raise ValueError(f"config field '{config_key}': {err}") from None
 
 
 def make_corpus(seed: int, n: int, difficulty: Difficulty) -> list[Example]:

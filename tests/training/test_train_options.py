@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ import pytest
 import training_helpers as th
 from dpost import config_check, defaults, training, workdir
 from dpost.models import layers
+from tests.memory.test_plan import load_config
 
 FAMILIES = ("llama", "t5")
 LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 2e-6, 1e-5, 1e-7
@@ -219,17 +218,9 @@ def test_config_check_accepts_every_remat_policy_and_the_booleans(value):
     config_check.check(config)
 
 
-def _arith_tiny_config():
-    path = pathlib.Path(__file__).parents[2] / "configs" / "arith_tiny.py"
-    spec = importlib.util.spec_from_file_location("config_arith_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def test_new_fields_at_their_defaults_keep_existing_runs_hashes_and_resume(tmp_path):
     """A config recorded before the fields existed has the same hash, and its workdir resumes."""
-    config = _arith_tiny_config()  # has every added field, data.synthetic.n_test_extra included
+    config = load_config("arith_tiny")  # has every added field, data.synthetic.n_test_extra included
     flat = workdir.flatten_config(config)
     before = {k: v for k, v in flat.items() if k not in workdir.ADDED_FIELDS}
     assert set(workdir.ADDED_FIELDS) <= set(flat)
