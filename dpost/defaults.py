@@ -142,8 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # similarity: Jaccard over the model tokenizer's sub-word tokens (subword, the release) | words
-    c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7, similarity="subword"))
+    # similarity: Jaccard over the model tokenizer's sub-word tokens (subword, the release) | words;
+    # select: keep the least_similar pairs per question (the release) | most_similar (an option)
+    c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7, similarity="subword",
+                                             select="least_similar"))
     c.pseudo_labels = ml_collections.ConfigDict(dict(dedup_threshold=0.7, cap_percentile=90, similarity="subword"))
 
     c.sampling = ml_collections.ConfigDict(

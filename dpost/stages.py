@@ -182,7 +182,8 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
     pairs = builders.build_pairs(question_samples(examples, rounds), family,
                                  max_pairs_per_question=cfg.pairs.max_per_question,
                                  dedup_threshold=cfg.pairs.dedup_threshold,
-                                 tokenize=similarity_tokens(cfg.pairs.similarity, tokenizer))
+                                 tokenize=similarity_tokens(cfg.pairs.similarity, tokenizer),
+                                 select=cfg.pairs.select)
     harvested = {}
     for qid, samples in current_round.items():
         for s in samples:

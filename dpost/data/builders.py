@@ -33,6 +33,9 @@ MAX_PAIRS_PER_QUESTION = 3
 DEDUP_THRESHOLD = 0.7
 CAP_PERCENTILE = 90
 SIMILARITIES = ("subword", "words")  # Jaccard tokens: the model tokenizer's sub-word pieces | whitespace words
+# Which (correct, incorrect) pairs a question keeps: the least similar (the release) or the most
+# similar, whose two sides tend to share their wording and differ where the reasoning went wrong.
+PAIR_SELECTIONS = ("least_similar", "most_similar")
 
 
 @dataclasses.dataclass
@@ -117,10 +120,15 @@ def pass_rates(questions: Sequence[QuestionSamples]) -> dict:
 def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
                 max_pairs_per_question: int = MAX_PAIRS_PER_QUESTION,
                 dedup_threshold: float = DEDUP_THRESHOLD,
-                tokenize: Tokenize | None = None) -> list[Pair]:
-    """Preference pairs: per question, the ``max_pairs_per_question`` least similar
-    (correct, incorrect) pairs, the formatted gold rationale being the first positive.
+                tokenize: Tokenize | None = None,
+                select: str = "least_similar") -> list[Pair]:
+    """Preference pairs: per question, the ``max_pairs_per_question`` least similar (or, with
+    ``select="most_similar"``, most similar) (correct, incorrect) pairs, the formatted gold
+    rationale being the first positive. Ties keep (positive index, negative index) order either way.
     Questions without an incorrect sample are skipped."""
+    if select not in PAIR_SELECTIONS:
+        raise ValueError(f"select must be one of {PAIR_SELECTIONS}, got {select!r}")
+    sign = 1.0 if select == "least_similar" else -1.0
     pairs: list[Pair] = []
     skipped = 0
     for q in questions:
@@ -135,7 +143,7 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
         neg = _drop_near_duplicates(sorted(set(neg)), dedup_threshold, tokenize)
         pos_sets = [token_set(p, tokenize) for p in pos]
         neg_sets = [token_set(n, tokenize) for n in neg]
-        scored = sorted((jaccard(ps, ns), i, j)
+        scored = sorted((sign * jaccard(ps, ns), i, j)
                         for i, ps in enumerate(pos_sets) for j, ns in enumerate(neg_sets))
         pairs.extend(Pair(q.id, q.question, pos[i], neg[j])
                      for _, i, j in scored[:max_pairs_per_question])

@@ -51,6 +51,20 @@ def test_three_least_similar_pairs_with_stable_ties():
     assert [(p.chosen, p.rejected) for p in two] == [(p1, n2), (gold, n2)]
 
 
+def test_most_similar_pairs_option():
+    gold = "a b c #### 1"
+    p1 = "x y z w #### 1"
+    n1, n2, n3 = "a b c #### 2", "q r s t u #### 2", "a q r v #### 3"
+    pairs = build_pairs([q([n2, p1, n1, n3])], "llama", select="most_similar")
+    # Jaccard (as above): G-N1 4/6 > G-N3 2/9 > P1-N1 1/10 > the rest.
+    assert [(p.chosen, p.rejected) for p in pairs] == [(gold, n1), (gold, n3), (p1, n1)]
+    # Equal similarities keep (positive, negative) order, as the default does.
+    tied = build_pairs([q(["k #### 2", "m #### 3"], gold_rationale="g #### 1")], "llama", select="most_similar")
+    assert [p.rejected for p in tied] == ["k #### 2", "m #### 3"]
+    with pytest.raises(ValueError, match="select must be one of"):
+        build_pairs([q([n1])], "llama", select="most")
+
+
 def test_exact_dedup_sorting_then_near_duplicates():
     na, nb = "a p q r s #### 2", "b p q r s #### 2"  # Jaccard 6/8 = 0.75 > 0.7
     # Whatever the sample order, sorting keeps "a p q ..." and drops its near-duplicate.
