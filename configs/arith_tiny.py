@@ -18,7 +18,9 @@ before the final comparison ran seeds 3-7 on test with this file's settings unch
   greedy dev accuracy (47% vs SFT_0's 41.5%; 5e-5 fell to 28%) and whose samples had the highest
   pass@n on the training questions (35.6% vs 33.2% for SFT_0's samples);
 - DPO 40 steps (of 40, 80, 160 at lr 1e-5; dev seeds 0-2, after the final): more steps raised the
-  reward margin but lowered the DPO model's samples' pass@n (+3.3, -0.5, -5.3 points against SFT_0's).
+  reward margin but lowered the DPO model's samples' pass@n (+3.3, -0.5, -5.3 points against SFT_0's);
+- kept after a later dev screen (seeds 0-2, iteration 1) against an NLL term on the chosen side at 80
+  steps (`dpo.rpo_alpha=1`: pass@n gain +2.3) and the most similar pairs (`pairs.select`: +0.6).
 """
 
 from dpost import defaults

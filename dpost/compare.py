@@ -5,6 +5,13 @@
 
 Each (method, seed) is an ordinary `dpost.main` run in WORKDIR/<method>/seed_<s> (so it resumes the
 same way); WORKDIR/comparison.md, comparison.json and accuracy.png hold mean and spread over seeds.
+The methods of one seed share its warm-up (SFT_0): it is trained once and copied to the others.
+
+`--jobs N` (N > 1) runs up to N runs at a time, each in its own process, its output in
+WORKDIR/<method>/seed_<s>/compare.log: each seed's warm-up first (as the `sft` method's run, whose
+workdir then exists even if sft is not compared), then that seed's methods side by side. On a CPU
+host one run leaves cores idle (XLA:CPU on small matrices), so two runs on two cores finish sooner
+together; on an accelerator keep 1 (each run would claim the whole device). Results are the same.
 
 For each pair of methods (the later on --methods minus the earlier: --methods lists the baseline
 first) the final models' accuracy difference, paired by seed and question, gets two 95% intervals
@@ -14,9 +21,14 @@ seeds. The ordering to check is the reverse of --methods (sft,st,dpo_st: dpo_st 
 
 from __future__ import annotations
 
+import heapq
 import json
+import multiprocessing
+import multiprocessing.connection
+import os
 import shutil
 import sys
+import time
 
 import numpy as np
 from absl import app, flags
@@ -30,6 +42,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _METHODS = flags.DEFINE_list("methods", ["sft", "st", "dpo_st"], "Methods to compare.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Runs at a time, each in its own process (CPU hosts; see above).",
+                             lower_bound=1)
 
 
 def summarize(runs: dict[str, list[dict]], split: str) -> dict:
@@ -216,34 +230,134 @@ def share_warmup(source: epath.Path, target: epath.Path) -> None:
             shutil.copytree(str(src), str(dst))
 
 
+class RunFailed(Exception):
+    """A worker's run ended without results: its error, or its process died (see its compare.log)."""
+
+
+def run_config(base, method: str, seed: int):
+    config = base.copy_and_resolve_references()
+    config.unlock()
+    config.method, config.seed = method, seed
+    config.lock()
+    return config
+
+
+def run_sequentially(base, root: epath.Path, methods: list[str], seeds: list[int],
+                     config_path: str) -> dict[str, list[dict]]:
+    """Every (method, seed) in this process, seed by seed; a seed's first method trains the warm-up."""
+    from dpost import driver
+
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        first = None
+        for method in methods:
+            workdir = root / method / f"seed_{seed}"
+            if first is not None:
+                share_warmup(first, workdir)
+            runs.setdefault(method, []).append(driver.run(run_config(base, method, seed), str(workdir),
+                                                          config_path=config_path))
+            first = first or workdir
+    return runs
+
+
+def _run_in_worker(config, workdir: str, config_path: str, report) -> None:
+    """One run in a worker process, its stdout and stderr appended to WORKDIR/compare.log; sends
+    `report` None on success, else the one-line error (the parent reads results.json)."""
+    os.makedirs(workdir, exist_ok=True)
+    log = os.open(os.path.join(workdir, "compare.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    from dpost import console, driver
+
+    console.configure_logging()
+    try:
+        driver.run(config, workdir, config_path=config_path)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message says which
+        report.send(str(err))
+        return
+    except Exception as err:  # a bug: multiprocessing prints the traceback to the log (SystemExit passes)
+        report.send(f"{type(err).__name__}: {err} (traceback in {os.path.join(workdir, 'compare.log')})")
+        raise
+    report.send(None)
+
+
+def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int], config_path: str,
+                    jobs: int) -> dict[str, list[dict]]:
+    """Up to `jobs` runs at a time, each in a fresh worker process: each seed's warm-up (the `sft`
+    run) first, then its methods. Ready runs start in (seed, method) order, so seeds finish in turn.
+    A failed run stops the others."""
+    warmup = "sft"
+    order = {(seed, method): (i, j) for i, seed in enumerate(seeds) for j, method in enumerate([warmup, *methods])}
+    ready = [(order[seed, warmup], seed, warmup) for seed in seeds]
+    heapq.heapify(ready)
+    total = len(seeds) * len({warmup, *methods})
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per run: no inherited JAX state
+    # A worker killed mid-run leaves its semaphores (tqdm's lock) to multiprocessing's resource tracker,
+    # which frees them and warns at exit; the error line below already says that the run died.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    running: dict = {}  # the parent's end of a run's pipe -> (process, method, seed, start time)
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        while ready or running:
+            while ready and len(running) < jobs:
+                _, seed, method = heapq.heappop(ready)
+                workdir = root / method / f"seed_{seed}"
+                if method != warmup:
+                    share_warmup(root / warmup / f"seed_{seed}", workdir)
+                config = run_config(base, method, seed)
+                config.unlock()
+                config.progress = False  # the worker's output goes to a log file
+                config.lock()
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_run_in_worker, args=(config, str(workdir), config_path, send))
+                process.start()
+                send.close()  # the child holds its copy: EOF here once it exits
+                running[receive] = (process, method, seed, time.time())
+                print(f"dpost.compare: {method} seed {seed}: started, log {workdir / 'compare.log'}", flush=True)
+            for receive in multiprocessing.connection.wait(list(running)):
+                process, method, seed, start = running.pop(receive)
+                workdir = root / method / f"seed_{seed}"
+                try:
+                    error = receive.recv()
+                    process.join()
+                except EOFError:  # ended without a word: killed, out of memory, preempted
+                    process.join()
+                    error = f"its process died (exit code {process.exitcode}); see {workdir / 'compare.log'}"
+                if error is not None:
+                    raise RunFailed(f"{method} seed {seed}: {error}")
+                results[method, seed] = json.loads((workdir / "results.json").read_text())
+                print(f"dpost.compare: {method} seed {seed}: done in {time.time() - start:.0f} s "
+                      f"({len(results)}/{total} runs)", flush=True)
+                if method == warmup:
+                    for other in methods:
+                        if other != warmup:
+                            heapq.heappush(ready, (order[seed, other], seed, other))
+    finally:
+        for process, *_ in running.values():
+            process.terminate()
+            process.join()
+    return {method: [results[method, seed] for seed in seeds] for method in methods}
+
+
 def main(argv) -> int:
     del argv
-    from dpost import driver
     from dpost import console
 
     console.configure_logging()
     base = _CONFIG.value
     config_path = flags.FLAGS["config"].config_filename
     root = absolute(_WORKDIR.value or "runs/compare")
-    runs: dict[str, list[dict]] = {}
+    methods, seeds = list(_METHODS.value), list(map(int, _SEEDS.value))
     try:
         config_check.check(base)
-        config_check.check_values("method", _METHODS.value, "--methods")
-        for seed in map(int, _SEEDS.value):
-            first = None
-            for method in _METHODS.value:
-                config = base.copy_and_resolve_references()
-                config.unlock()
-                config.method, config.seed = method, seed
-                config.lock()
-                workdir = root / method / f"seed_{seed}"
-                if first is not None:
-                    share_warmup(first, workdir)
-                runs.setdefault(method, []).append(driver.run(config, str(workdir), config_path=config_path))
-                first = first or workdir
+        config_check.check_values("method", methods, "--methods")
+        if _JOBS.value > 1:
+            runs = run_in_parallel(base, root, methods, seeds, config_path, _JOBS.value)
+        else:
+            runs = run_sequentially(base, root, methods, seeds, config_path)
         split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
-        doc = write_comparison(root, runs, list(_METHODS.value), split, config_path)
-    except (ValueError, FileNotFoundError) as err:
+        doc = write_comparison(root, runs, methods, split, config_path)
+    except (ValueError, FileNotFoundError, RunFailed) as err:
         print(f"dpost.compare: error: {err}", file=sys.stderr)
         return 2
     print(doc)

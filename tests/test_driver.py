@@ -240,6 +240,41 @@ def test_rerun_of_finished_run_changes_nothing(reference_run):
     assert not [n for n in os.listdir(reference_run) if ".tmp" in n]
 
 
+def run_compare(workdir, *extra, env=None):
+    cmd = [sys.executable, "-m", "dpost.compare", "--config", "configs/arith_tiny.py", f"--workdir={workdir}",
+           "--seeds=0", "--methods=st,dpo_st", "--jobs=2", *TINY, *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_compare_jobs_run_side_by_side_with_the_same_results(tmp_path, reference_run):
+    """dpost.compare --jobs 2: the seed's warm-up (as the sft run) first, then st and dpo_st at once in
+    worker processes. A worker that dies stops the comparison with one line; the rerun resumes, and
+    dpo_st's results equal a plain dpost.main run's. A worker's config error is one line too."""
+    killed = run_compare(tmp_path, env={"DPOST_TEST_KILL_STAGE": "iter_1/dpo", "DPOST_TEST_KILL_AFTER_STEP": "2"})
+    assert killed.returncode == 2 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
+    assert killed.stderr.strip().splitlines()[-1].startswith(
+        "dpost.compare: error: dpo_st seed 0: its process died (exit code 17)")
+
+    proc = run_compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    started = [line.split(":")[1].strip() for line in proc.stdout.splitlines() if line.endswith("compare.log")]
+    assert started == ["sft seed 0", "st seed 0", "dpo_st seed 0"]
+    assert comparable(load_results(tmp_path / "dpo_st" / "seed_0")) == comparable(load_results(reference_run))
+    st = load_results(tmp_path / "st" / "seed_0")
+    assert [(e["iteration"], e["stage"]) for e in st["stages"]] == [(0, "sft"), (1, "sft")]
+    assert st["stages"][0] == load_results(tmp_path / "sft" / "seed_0")["stages"][0]  # the shared warm-up
+    assert "dpo_st - st" in proc.stdout
+    for method in ("sft", "st", "dpo_st"):  # each worker's output went to its run's log
+        log = (tmp_path / method / "seed_0" / "compare.log").read_text()
+        assert f"dpost.driver: run {tmp_path / method / 'seed_0'}" in log
+
+    proc = run_compare(tmp_path, "--config.dpo.beta=0.5")  # this workdir's runs had beta 0.1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("dpost.compare: error: sft seed 0: workdir")
+    assert "dpo.beta: 0.1 -> 0.5" in proc.stderr
+
+
 def test_changed_config_is_refused(reference_run):
     proc = run_main(reference_run, "--config.method=dpo_st", "--config.dpo.beta=0.5", check=False)
     assert proc.returncode != 0
