@@ -8,7 +8,10 @@ the same workdir resumes and finishes; the resumed two-process run gives the one
 results.json and final params (to float tolerance, see `test_two_processes_match_one_process`);
 every sampling shard is written once, by the host that sampled it. Plus the pure helpers.
 
-Run alone (about 4 minutes on 2 cores):
+The runs are test_driver's TINY run with half the questions (no assertion needs more; the same
+pre-training, so a suite run builds M0 once).
+
+Run alone (a few minutes on 2 cores):
     DPOST_DATA_DIR=../shared/data python -m pytest tests/test_multihost.py -q
 """
 
@@ -30,10 +33,17 @@ from tests.conftest import require
 from tests.test_driver import REPO, TINY, comparable, load_results
 
 DEVICES = 4
-# The 4 devices shard params (FSDP) and batches; each host's 2 then form a local fsdp=2 mesh.
-MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
-# 6 shards of 8 questions per sampling stage: host 0 samples 0, 2, 4 and host 1 samples 1, 3, 5.
-SHARDS = ["--config.sampling.pairs.shard_questions=8", "--config.sampling.labels.shard_questions=8"]
+N_TRAIN = 24
+SETTINGS = {
+    # The 4 devices shard params (FSDP) and batches; each host's 2 then form a local fsdp=2 mesh.
+    "mesh.data": 1, "mesh.fsdp": -1,
+    # 6 shards of 4 questions per sampling stage: host 0 samples 0, 2, 4 and host 1 samples 1, 3, 5.
+    "data.synthetic.n_train": N_TRAIN, "sampling.pairs.shard_questions": 4, "sampling.labels.shard_questions": 4,
+    # the warm-up keeps TINY's 6 steps (2 epochs of 3 batches); fewer eval questions
+    "sft.batch_size": 8, "data.synthetic.n_dev": 8, "data.synthetic.n_test": 8,
+}
+RUN = [a for a in TINY if a.split("=")[0].removeprefix("--config.") not in SETTINGS] + [
+    f"--config.{k}={v}" for k, v in SETTINGS.items()]
 HEARTBEAT_S = 10  # a dead process is noticed within this (JAX's default is 100 s)
 KILL = {"DPOST_TEST_KILL_AFTER_SHARD": "iter_1/sample_labels:1"}  # process 1 only: os._exit(17)
 # process 1 only: SIGTERM to itself after warm-up SFT step 2 of 6 (checkpoints every 2 steps); the
@@ -51,18 +61,16 @@ def free_port() -> int:
 
 def launch(workdir, name: str, num_processes: int, env_for=lambda i: {}) -> list[dict]:
     """Runs `dpost.main` as `num_processes` processes sharing DEVICES CPU devices; waits for all.
-    Returns per process: exit code, seconds from start to exit, log text. The runs share a
-    persistent compilation cache beside the workdir (the rerun reuses the killed run's programs)."""
-    cmd = [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={workdir}",
-           *TINY, *MESH, *SHARDS]
+    Returns per process: exit code, seconds from start to exit, log text. The runs share dpost's
+    persistent compilation cache (conftest's session cache: a rerun reuses the earlier runs' programs)."""
+    cmd = [sys.executable, "-m", "dpost.main", "--config", "configs/arith_tiny.py", f"--workdir={workdir}", *RUN]
     port = free_port()
     procs, logs = [], []
     start = time.monotonic()
     try:
         for i in range(num_processes):
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // num_processes}",
-                       JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax_cache"),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_for(i))
+                       **env_for(i))
             multi = [f"--coordinator=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
                      f"--heartbeat_timeout={HEARTBEAT_S}"] if num_processes > 1 else []
             logs.append(open(f"{workdir}-{name}-{i}.log", "w+"))
@@ -173,7 +181,7 @@ def test_each_shard_written_once_by_its_host(runs):
         assert names == sorted(os.listdir(runs["one"] / "iter_1" / stage))
         ids = [json.loads(line)["id"] for n in names if n.startswith("shard_")
                for line in open(runs["two"] / "iter_1" / stage / n)]
-        assert len(ids) == len(set(ids)) == 48
+        assert len(ids) == len(set(ids)) == N_TRAIN
     # shard i (log: "shard i+1/6 written") is sampled by process i % 2, in the killed run and the rerun
     for run in ("killed", "resumed"):
         for process, r in enumerate(runs[run]):
