@@ -99,7 +99,7 @@ def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: s
         rows = []
         for seed in seeds:
             final = by_seed[seed]["final"]
-            path = predictions_path(root / method / f"seed_{seed}", final["model"], split)
+            path = predictions_path(run_dir(root, method, seed), final["model"], split)
             correct = read_correctness(path, final["eval"].get(split, {}).get("n"))
             if question_ids is None:
                 question_ids, reference = list(correct), path
@@ -221,6 +221,10 @@ def _bounds(interval: dict) -> str:
     return f"[{interval['low']:+.1f}, {interval['high']:+.1f}]"
 
 
+def run_dir(root: epath.Path, method: str, seed: int) -> epath.Path:
+    return root / method / f"seed_{seed}"
+
+
 def share_warmup(source: epath.Path, target: epath.Path) -> None:
     """Copies a finished warm-up (iter_0: SFT_0, its evaluation) and the task data to another
     method's run of the same seed; its stage hashes ignore the method, so the run reuses them."""
@@ -234,10 +238,12 @@ class RunFailed(Exception):
     """A worker's run ended without results: its error, or its process died (see its compare.log)."""
 
 
-def run_config(base, method: str, seed: int):
+def run_config(base, **fields):
+    """A copy of `base` with `fields` (method, seed, ...) set."""
     config = base.copy_and_resolve_references()
     config.unlock()
-    config.method, config.seed = method, seed
+    for name, value in fields.items():
+        setattr(config, name, value)
     config.lock()
     return config
 
@@ -251,10 +257,10 @@ def run_sequentially(base, root: epath.Path, methods: list[str], seeds: list[int
     for seed in seeds:
         first = None
         for method in methods:
-            workdir = root / method / f"seed_{seed}"
+            workdir = run_dir(root, method, seed)
             if first is not None:
                 share_warmup(first, workdir)
-            runs.setdefault(method, []).append(driver.run(run_config(base, method, seed), str(workdir),
+            runs.setdefault(method, []).append(driver.run(run_config(base, method=method, seed=seed), str(workdir),
                                                           config_path=config_path))
             first = first or workdir
     return runs
@@ -287,9 +293,7 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
     run) first, then its methods. Ready runs start in (seed, method) order, so seeds finish in turn.
     A failed run stops the others."""
     warmup = "sft"
-    order = {(seed, method): (i, j) for i, seed in enumerate(seeds) for j, method in enumerate([warmup, *methods])}
-    ready = [(order[seed, warmup], seed, warmup) for seed in seeds]
-    heapq.heapify(ready)
+    ready = [(i, -1, seed, warmup) for i, seed in enumerate(seeds)]  # (seed index, method index, ...)
     total = len(seeds) * len({warmup, *methods})
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per run: no inherited JAX state
     # A worker killed mid-run leaves its semaphores (tqdm's lock) to multiprocessing's resource tracker,
@@ -300,14 +304,12 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
     try:
         while ready or running:
             while ready and len(running) < jobs:
-                _, seed, method = heapq.heappop(ready)
-                workdir = root / method / f"seed_{seed}"
+                *_, seed, method = heapq.heappop(ready)
+                workdir = run_dir(root, method, seed)
                 if method != warmup:
-                    share_warmup(root / warmup / f"seed_{seed}", workdir)
-                config = run_config(base, method, seed)
-                config.unlock()
-                config.progress = False  # the worker's output goes to a log file
-                config.lock()
+                    share_warmup(run_dir(root, warmup, seed), workdir)
+                # progress off: the worker's output goes to a log file
+                config = run_config(base, method=method, seed=seed, progress=False)
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_run_in_worker, args=(config, str(workdir), config_path, send))
                 process.start()
@@ -316,7 +318,7 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
                 print(f"dpost.compare: {method} seed {seed}: started, log {workdir / 'compare.log'}", flush=True)
             for receive in multiprocessing.connection.wait(list(running)):
                 process, method, seed, start = running.pop(receive)
-                workdir = root / method / f"seed_{seed}"
+                workdir = run_dir(root, method, seed)
                 try:
                     error = receive.recv()
                     process.join()
@@ -329,9 +331,9 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
                 print(f"dpost.compare: {method} seed {seed}: done in {time.time() - start:.0f} s "
                       f"({len(results)}/{total} runs)", flush=True)
                 if method == warmup:
-                    for other in methods:
+                    for j, other in enumerate(methods):
                         if other != warmup:
-                            heapq.heappush(ready, (order[seed, other], seed, other))
+                            heapq.heappush(ready, (seeds.index(seed), j, seed, other))
     finally:
         for process, *_ in running.values():
             process.terminate()
