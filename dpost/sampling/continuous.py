@@ -1,12 +1,13 @@
 """Continuous batching: a fixed number of slots decode in flight; a finished row's slot is refilled.
 
-Three compiled programs per (model, slot count, cache shape, static sampling options):
+Compiled programs per (model, slot count, cache shape, static sampling options):
 
 * ``empty_program``: the slot state (every slot finished), shaped like the model's ``prefill``
   state with ``num_slots`` rows.
-* ``refill_program``: ``prefill`` of a fixed number of prompts, its rows gathered for the
-  (prompt, sample) rows that start now and written into their slots (rows whose slot is
-  ``num_slots`` are dropped).
+* ``refill_program``: ``prefill`` of the prompts whose rows start now (all of a prompt's waiting
+  samples at once, so each prompt is prefilled once; their count rounded up to a power of two, so
+  one program per such count), its rows gathered for the (prompt, sample) rows that start now and
+  written into their slots (rows whose slot is ``num_slots`` are dropped).
 * ``decode_program``: the sampler's decode ``while_loop`` over the slots, one batched
   ``decode_step`` per step (the models keep a per-row cache slot, position and key mask, so slots
   at different positions share the step). It leaves when enough slots are free to refill
@@ -103,15 +104,36 @@ def plan_slots(rows: int, cap: int, shards: int, num_samples: int) -> tuple[int,
     return slots, prompts, min(slots, prompts * num_samples)
 
 
-def _take(waiting, start: int, max_rows: int, max_prompts: int) -> list[tuple[int, int]]:
-    """The next waiting rows: at most `max_rows`, from at most `max_prompts` prompts."""
-    take, prompts = [], set()
-    for i, j in waiting[start : start + max_rows]:
-        if i not in prompts and len(prompts) == max_prompts:
+def _prompt_end(waiting, start: int) -> int:
+    """Index after the waiting rows of the prompt of row `start` (a prompt's rows are consecutive)."""
+    end = start
+    while end < len(waiting) and waiting[end][0] == waiting[start][0]:
+        end += 1
+    return end
+
+
+def _take(waiting, start: int, max_rows: int, max_prompts: int, fits: int) -> list[tuple[int, int]]:
+    """The next waiting rows, whole prompts (all their waiting samples) only, so that a prompt is
+    prefilled once: at most `max_rows` rows from at most `max_prompts` prompts. A prompt with more
+    waiting samples than `fits` (the most rows one refill can start) is started in parts."""
+    take: list[tuple[int, int]] = []
+    end, prompts = start, 0
+    while end < len(waiting) and prompts < max_prompts:
+        stop = _prompt_end(waiting, end)
+        if stop - end > fits and not take:
+            return waiting[end : end + max_rows]
+        if len(take) + stop - end > max_rows:
             break
-        prompts.add(i)
-        take.append((i, j))
+        take += waiting[end:stop]
+        end, prompts = stop, prompts + 1
     return take
+
+
+def prefill_group(prompts: int, max_group: int, shards: int) -> int:
+    """Prompts one refill prefills: the next power of two (a multiple of `shards`) at or above the
+    prompts it starts, at most `max_group`; a few sizes, so a few compiled refill programs."""
+    group = 1 << max(0, prompts - 1).bit_length()
+    return min(max_group, int(math.ceil(group / shards) * shards))
 
 
 def _refill_arrays(rows, take, slot, group: int, per_refill: int, width: int, pad_id: int, num_slots: int):
@@ -144,6 +166,7 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
     state = empty_program(module, opts.for_prefill(), prefill_params, put(np.zeros((num_slots, width), np.int32), True))
     waiting = [(i, j) for i in order for j in range(n)]
     next_row = 0
+    fits = min(num_slots, per_refill)
     holder = np.full(num_slots, -1, np.int64)  # the (prompt, sample) row in each slot; -1: free
     holder_sample = np.zeros(num_slots, np.int64)
     results: list[list] = [[None] * n for _ in rows]
@@ -153,10 +176,13 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
     while True:
         free = np.flatnonzero(holder < 0)
         while next_row < len(waiting) and free.size:
-            take = _take(waiting, next_row, min(free.size, per_refill), group)
+            take = _take(waiting, next_row, min(free.size, per_refill), group, fits)
+            if not take:  # the next prompt's samples wait until enough slots are free
+                break
             next_row += len(take)
             slot = free[: len(take)]
-            args = _refill_arrays(rows, take, slot, group, per_refill, width, bundle.pad_token_id, num_slots)
+            prompts = prefill_group(len({i for i, _ in take}), group, opts.layout.batch_shards)
+            args = _refill_arrays(rows, take, slot, prompts, per_refill, width, bundle.pad_token_id, num_slots)
             state = refill_program(module, opts.for_prefill(), prefill_params, state, *(put(a, False) for a in args),
                                    np.int32(calc_start))
             holder[slot] = [i for i, _ in take]
@@ -165,7 +191,10 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
         if (holder < 0).all():
             return results
         waiting_rows = len(waiting) - next_row
-        refill_at = min(waiting_rows, max(1, num_slots // REFILL_FRACTION)) if waiting_rows else num_slots + 1
+        refill_at = num_slots + 1
+        if waiting_rows:
+            whole = min(fits, _prompt_end(waiting, next_row) - next_row)
+            refill_at = min(waiting_rows, max(1, num_slots // REFILL_FRACTION, whole))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
             state = decode_program(module, opts, decode_params, state, put(queue, True), put(queue_len, True),

@@ -51,12 +51,18 @@ def assert_same(got, want):
 
 
 class CountRefills:
+    """Counts refills and records which prompts each one started (rows whose slot is the slot count
+    are filler)."""
+
     def __init__(self, monkeypatch):
         self.calls = 0
+        self.started: list[set[int]] = []
         program = continuous.refill_program
 
         def counted(*args):
             self.calls += 1
+            state, slot, prompt_index = args[3], np.asarray(args[7]), np.asarray(args[8])
+            self.started.append(set(prompt_index[slot < state["done"].shape[0]].tolist()))
             return program(*args)
 
         monkeypatch.setattr(continuous, "refill_program", counted)
@@ -74,6 +80,8 @@ def test_continuous_equals_static(bundles, family, kw, monkeypatch):
     assert_same(got, static)
     slots = continuous.plan_slots(len(prompts) * n, 2 * n, 1, n)[0]
     assert slots < len(prompts) * n and refills.calls > 1  # rows waited for slots
+    started = [i for call in refills.started for i in call]
+    assert sorted(started) == list(range(len(prompts)))  # each prompt prefilled by one refill
     lengths = [len(s.token_ids) for p in got for s in p]
     assert min(lengths) < kw["max_new_tokens"] // 2 and max(lengths) == kw["max_new_tokens"], lengths
     # and the slot count changes nothing either
@@ -111,9 +119,26 @@ def test_calculator_forcing_across_refills(family, monkeypatch):
     assert len({len(s.token_ids) for p in got for s in p}) > 3
 
 
+def test_take_starts_whole_prompts():
+    waiting = [(i, j) for i in (5, 2, 7) for j in range(3)]  # prompts in their order, 3 samples each
+    assert continuous._take(waiting, 0, 8, 4, 6) == waiting[:6]  # 2 whole prompts; the third waits
+    assert continuous._take(waiting, 0, 8, 1, 6) == waiting[:3]  # at most 1 prompt
+    assert continuous._take(waiting, 0, 2, 4, 6) == []  # prompt 5 does not fit yet
+    assert continuous._take(waiting, 1, 2, 4, 6) == waiting[1:3]  # its last 2 samples (the rest started)
+    assert continuous._take(waiting, 0, 2, 4, 2) == waiting[:2]  # 3 samples never fit 2 slots: parts
+    assert continuous._take(waiting, 6, 8, 4, 6) == waiting[6:]
+
+
+@pytest.mark.parametrize("prompts,group,shards,want", [(1, 4, 1, 1), (3, 4, 1, 4), (3, 2, 1, 2), (1, 8, 2, 2),
+                                                       (5, 16, 4, 8)])
+def test_prefill_group_sizes(prompts, group, shards, want):
+    assert continuous.prefill_group(prompts, group, shards) == want
+
+
 def test_compiled_programs_stay_bounded(bundles):
     """Other contents, prompt counts, lengths (same bucket), seeds and temperatures: no new programs;
-    one call config compiles at most three continuous programs (empty slots, refill, decode)."""
+    one call config compiles the empty slots, the decode and a refill per prefill size (1, 2, ...,
+    the plan's group)."""
     bundle, vocab = bundles["llama"]
     rng = np.random.RandomState(7)
 
@@ -121,9 +146,10 @@ def test_compiled_programs_stay_bounded(bundles):
         return random_prompts(count - 1, vocab, rng, low=2, high=20) + [rng.randint(3, vocab, 20).tolist()]
 
     kw = dict(max_new_tokens=12, num_samples=2, batch_size=3)
+    group = continuous.plan_slots(5 * 2, 3 * 2, 1, 2)[1]
     start = sampler_lib.compiled_program_count()
     sampling.generate(bundle, prompts(5), temperature=0.7, **kw)
-    assert sampler_lib.compiled_program_count() - start <= 3
+    assert sampler_lib.compiled_program_count() - start <= 2 + group.bit_length()
     before = sampler_lib.compiled_program_count()
     for i, count in enumerate((4, 6, 9)):
         sampling.generate(bundle, prompts(count), temperature=0.5 + i, seed=i, **kw)
