@@ -166,7 +166,6 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
     state = empty_program(module, opts.for_prefill(), prefill_params, put(np.zeros((num_slots, width), np.int32), True))
     waiting = [(i, j) for i in order for j in range(n)]
     next_row = 0
-    fits = min(num_slots, per_refill)
     holder = np.full(num_slots, -1, np.int64)  # the (prompt, sample) row in each slot; -1: free
     holder_sample = np.zeros(num_slots, np.int64)
     results: list[list] = [[None] * n for _ in rows]
@@ -176,7 +175,7 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
     while True:
         free = np.flatnonzero(holder < 0)
         while next_row < len(waiting) and free.size:
-            take = _take(waiting, next_row, min(free.size, per_refill), group, fits)
+            take = _take(waiting, next_row, min(free.size, per_refill), group, per_refill)
             if not take:  # the next prompt's samples wait until enough slots are free
                 break
             next_row += len(take)
@@ -193,7 +192,7 @@ def run(bundle, params, opts: StaticOptions, rows, order, plan, bucket, traced, 
         waiting_rows = len(waiting) - next_row
         refill_at = num_slots + 1
         if waiting_rows:
-            whole = min(fits, _prompt_end(waiting, next_row) - next_row)
+            whole = min(per_refill, _prompt_end(waiting, next_row) - next_row)
             refill_at = min(waiting_rows, max(1, num_slots // REFILL_FRACTION, whole))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
