@@ -27,6 +27,7 @@ from etils import epath
 
 from dpost import models, workdir
 from dpost.data import synthetic
+from dpost.models import layers
 from dpost.models.bundle import ModelBundle
 from dpost.sharding import Layout
 from dpost.workdir import StageDir, flatten_config
@@ -56,8 +57,12 @@ def content_hash(config, examples) -> str:
                 if k.startswith("pretrain.") and not k.startswith(("pretrain.cache_dir", "pretrain.corpus"))}
     fields = {"family": config.model.family, "dtype": config.model.dtype,
               "scratch": flatten_config(config.model.scratch), "training": training}
-    if config.model.attention != "einsum":  # keyed only off the default, so existing caches keep their key
+    # Keyed only off their defaults, so existing caches keep their key. remat changes no math, but
+    # XLA rounds the recomputed forward differently, so M0's bits follow it.
+    if config.model.attention != "einsum":
         fields["attention"] = config.model.attention
+    if layers.remat_name(config.model.remat) != "none":
+        fields["remat"] = layers.remat_name(config.model.remat)
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 

@@ -60,6 +60,10 @@ def test_content_hash_follows_the_corpus_text():
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) != key, field
     for field, value in (("seed", 5), ("pretrain.cache_dir", "/elsewhere"), ("sft.epochs", 1), ("method", "st")):
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) == key, field
+    # remat: keyed when it is not the default "none" (also spelled False), since it changes M0's rounding
+    no_remat = pretrain.content_hash(tiny("unused", **{"model.remat": "none"}), corpus)
+    assert pretrain.content_hash(tiny("unused", **{"model.remat": False}), corpus) == no_remat
+    assert pretrain.content_hash(tiny("unused", **{"model.remat": "full"}), corpus) != no_remat
 
 
 def test_unknown_corpus_field_is_an_error():

@@ -262,10 +262,10 @@ def test_in_budget_plan_passes_and_unused_stages_do_not_count():
 
 
 def test_remat_and_grad_accum_change_the_right_terms():
-    base = tiny_plan().stage("sft")
+    base = tiny_plan(**{"model.remat": False}).stage("sft")  # arith_tiny itself sets full
     remat = tiny_plan(**{"model.remat": True}).stage("sft")
     dots = tiny_plan(**{"model.remat": "dots"}).stage("sft")
-    accum = tiny_plan(**{"sft.grad_accum": 2}).stage("sft")
+    accum = tiny_plan(**{"model.remat": False, "sft.grad_accum": 2}).stage("sft")
     assert remat.terms["activations"] < dots.terms["activations"] < base.terms["activations"]
     assert remat.terms["activations"] < base.terms["activations"] / 1.5
     assert accum.terms["grads"] == 2 * base.terms["grads"]
