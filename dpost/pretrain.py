@@ -10,13 +10,15 @@ fine-tunes the same M0).
 
 The result is cached under `pretrain.cache_dir` (default $DPOST_CACHE_DIR, else ~/.cache/dpost) in a
 folder named by the hash of its content: the corpus text, the model's fields and the training
-fields. A second run reuses it; a changed field or generator builds a new one. Its time and FLOPs are
+fields (not the execution options `model.remat` and `model.scan_layers`: M0 is always pre-trained
+with their defaults, and the run's apply to its stages). A second run reuses it; a changed field or generator builds a new one. Its time and FLOPs are
 reported apart from the run's stages (results.json "pretrain").
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,7 +29,6 @@ from etils import epath
 
 from dpost import models, workdir
 from dpost.data import synthetic
-from dpost.models import layers
 from dpost.models.bundle import ModelBundle
 from dpost.sharding import Layout
 from dpost.workdir import StageDir, flatten_config
@@ -57,12 +58,8 @@ def content_hash(config, examples) -> str:
                 if k.startswith("pretrain.") and not k.startswith(("pretrain.cache_dir", "pretrain.corpus"))}
     fields = {"family": config.model.family, "dtype": config.model.dtype,
               "scratch": flatten_config(config.model.scratch), "training": training}
-    # Keyed only off their defaults, so existing caches keep their key. remat changes no math, but
-    # XLA rounds the recomputed forward differently, so M0's bits follow it.
-    if config.model.attention != "einsum":
+    if config.model.attention != "einsum":  # keyed only off the default, so existing caches keep their key
         fields["attention"] = config.model.attention
-    if layers.remat_name(config.model.remat) != "none":
-        fields["remat"] = layers.remat_name(config.model.remat)
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
@@ -108,8 +105,12 @@ def pretrained_m0(config, layout: Layout = Layout()) -> tuple[ModelBundle, dict]
         log.info("pre-training M0 on %d synthetic problems into %s", len(examples), root)
         tokenizer = synthetic.train_tokenizer(synthetic.tokenizer_corpus(examples), str(root / "tokenizer"),
                                               int(config.model.scratch.get("tokenizer_vocab_size", 512)))
-        base = models.init_random(config.model.family, scratch_model_config(config, tokenizer), tokenizer,
-                                  seed=config.pretrain.seed, layout=layout)
+        # Pre-trained with the default execution options whatever the run's (`model.remat`,
+        # `model.scan_layers`, applied to M0 afterwards): they change XLA's rounding, not the math,
+        # so keeping them out of M0 lets one cached M0 (keyed without them) serve every run.
+        model_config = dataclasses.replace(scratch_model_config(config, tokenizer), remat="none", scan_layers=True)
+        base = models.init_random(config.model.family, model_config, tokenizer, seed=config.pretrain.seed,
+                                  layout=layout)
         return stages.sft_stage(base, stages.gold_labels(examples, config.model.family), training_config(config),
                                 stage, seed=config.pretrain.seed, layout=layout)
 

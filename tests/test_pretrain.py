@@ -60,10 +60,26 @@ def test_content_hash_follows_the_corpus_text():
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) != key, field
     for field, value in (("seed", 5), ("pretrain.cache_dir", "/elsewhere"), ("sft.epochs", 1), ("method", "st")):
         assert pretrain.content_hash(tiny("unused", **{field: value}), corpus) == key, field
-    # remat: keyed when it is not the default "none" (also spelled False), since it changes M0's rounding
-    no_remat = pretrain.content_hash(tiny("unused", **{"model.remat": "none"}), corpus)
-    assert pretrain.content_hash(tiny("unused", **{"model.remat": False}), corpus) == no_remat
-    assert pretrain.content_hash(tiny("unused", **{"model.remat": "full"}), corpus) != no_remat
+    # execution options: M0 is pre-trained with their defaults whatever the run's (next test)
+    defaults = pretrain.content_hash(tiny("unused", **{"model.remat": False, "model.scan_layers": True}), corpus)
+    assert pretrain.content_hash(tiny("unused", **{"model.remat": "full", "model.scan_layers": False}), corpus) == defaults
+
+
+def test_m0_is_pre_trained_with_default_execution_options(tmp_path):
+    """Remat and unscanned layers round differently from the defaults (tests/training/test_train_options.py
+    allows for it), so M0 would change with them; it is built with the defaults instead, the same bits,
+    and the run's options apply to the bundle base_model.load returns."""
+    from dpost import base_model
+    from dpost.sharding import Layout
+
+    plain, _ = pretrain.pretrained_m0(tiny(tmp_path / "a", **{"model.remat": False, "model.scan_layers": True}))
+    options = tiny(tmp_path / "b", **{"model.remat": "full", "model.scan_layers": False})
+    other, info = pretrain.pretrained_m0(options)
+    assert not info["reused"] and other.config.remat == "none" and other.config.scan_layers
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(other.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    run_m0, _ = base_model.load(options, task.load_task(options, str(tmp_path / "run")), Layout())
+    assert run_m0.config.remat == "full" and not run_m0.config.scan_layers
 
 
 def test_unknown_corpus_field_is_an_error():

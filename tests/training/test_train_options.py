@@ -56,10 +56,11 @@ def step_outcome(family: str, kind: str, variant: str | None):
 # unrolled loop over remat_layer(scanned=False)), and the SFT and DPO steps reach it through the
 # same forward (hidden_states / completion_logits). So each family runs each policy once, one
 # scanned and one in the loop (the unscanned loop with remat "none" is the plain layer: its forward
-# is checked below), and one DPO step takes Llama's shared-prompt layout through the loop.
+# is checked below), and DPO steps take Llama's shared-prompt layout through the loop and the scan.
 CASES = [("llama", "remat dots", "sft"), ("llama", "unscanned, remat full", "sft"),
          ("t5", "remat full", "sft"), ("t5", "unscanned, remat dots", "sft"),
-         ("llama", "unscanned, remat dots", "dpo")]
+         ("llama", "unscanned, remat dots", "dpo"),
+         ("llama", "remat full", "dpo")]  # the CPU default's (configs/arith_tiny.py) DPO step
 
 
 @pytest.mark.parametrize("family, variant, kind", CASES)
