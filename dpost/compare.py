@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -238,6 +239,14 @@ class RunFailed(Exception):
     """A worker's run ended without results: its error, or its process died (see its compare.log)."""
 
 
+class Stopped(Exception):
+    """The comparison was stopped by a SIGTERM; its finished stages stay, and a rerun resumes."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped("stopped by SIGTERM; the workers were stopped too, and a rerun resumes the runs")
+
+
 def run_config(base, **fields):
     """A copy of `base` with `fields` (method, seed, ...) set."""
     config = base.copy_and_resolve_references()
@@ -301,6 +310,9 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     running: dict = {}  # the parent's end of a run's pipe -> (process, method, seed, start time)
     results: dict[tuple[str, int], dict] = {}
+    # A SIGTERM to this process alone (`kill PID`) would otherwise leave its workers running on: exit
+    # through `finally`, which passes the SIGTERM on (a worker in training saves its step first).
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while ready or running:
             while ready and len(running) < jobs:
@@ -335,10 +347,12 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
                         if other != warmup:
                             heapq.heappush(ready, (seeds.index(seed), j, seed, other))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for process, *_ in running.values():
             process.terminate()
             process.join()
     return {method: [results[method, seed] for seed in seeds] for method in methods}
+
 
 
 def main(argv) -> int:
@@ -359,6 +373,9 @@ def main(argv) -> int:
             runs = run_sequentially(base, root, methods, seeds, config_path)
         split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
         doc = write_comparison(root, runs, methods, split, config_path)
+    except Stopped as err:
+        print(f"dpost.compare: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ValueError, FileNotFoundError, RunFailed) as err:
         print(f"dpost.compare: error: {err}", file=sys.stderr)
         return 2

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -240,21 +242,62 @@ def test_rerun_of_finished_run_changes_nothing(reference_run):
     assert not [n for n in os.listdir(reference_run) if ".tmp" in n]
 
 
+def compare_cmd(workdir, *extra):
+    return [sys.executable, "-m", "dpost.compare", "--config", "configs/arith_tiny.py", f"--workdir={workdir}",
+            "--seeds=0", "--methods=st,dpo_st", "--jobs=2", *TINY, *extra]
+
+
 def run_compare(workdir, *extra, env=None):
-    cmd = [sys.executable, "-m", "dpost.compare", "--config", "configs/arith_tiny.py", f"--workdir={workdir}",
-           "--seeds=0", "--methods=st,dpo_st", "--jobs=2", *TINY, *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+    return subprocess.run(compare_cmd(workdir, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, **(env or {})))
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            children.append(int(entry))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_compare_jobs_run_side_by_side_with_the_same_results(tmp_path, reference_run):
     """dpost.compare --jobs 2: the seed's warm-up (as the sft run) first, then st and dpo_st at once in
-    worker processes. A worker that dies stops the comparison with one line; the rerun resumes, and
-    dpo_st's results equal a plain dpost.main run's. A worker's config error is one line too."""
+    worker processes. A worker that dies stops the comparison with one line, so does a SIGTERM to the
+    comparison (its workers stop too); the rerun resumes, and dpo_st's results equal a plain
+    dpost.main run's. A worker's config error is one line too."""
     killed = run_compare(tmp_path, env={"DPOST_TEST_KILL_STAGE": "iter_1/dpo", "DPOST_TEST_KILL_AFTER_STEP": "2"})
     assert killed.returncode == 2 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
     assert killed.stderr.strip().splitlines()[-1].startswith(
         "dpost.compare: error: dpo_st seed 0: its process died (exit code 17)")
+
+    # A SIGTERM to the comparison alone (`kill PID`) stops its workers too, in one line; the rerun resumes.
+    proc = subprocess.Popen(compare_cmd(tmp_path), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("dpost.compare: dpo_st seed 0: started"):
+            break
+    workers = child_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dpost.compare: stopped by SIGTERM"), err[-3000:]
+    deadline = time.time() + 60
+    while any(map(is_running, workers)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(workers) >= 2 and not any(map(is_running, workers)), workers
 
     proc = run_compare(tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
