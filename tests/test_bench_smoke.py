@@ -21,3 +21,17 @@ def test_accelerator_bench_tiny_prints_its_table(tmp_path):
     assert stages == {(m, s) for m in ("llama-1b", "flan-t5-large") for s in ("sft", "dpo", "sample")}, out.stdout
     traces = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files if f.endswith(".xplane.pb")]
     assert len(traces) == 6
+
+
+def test_train_options_bench_dpo_step_prints_each_variant():
+    """The DPO mode of bench/train_options.py: one row per variant; remat recomputes the same forward,
+    so its trained params differ from the base's by rounding only (the same bits for the base itself)."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "train_options.py"), "--model", "tiny", "--step", "dpo",
+           "--batch", "4", "--prompt", "16", "--target", "16", "--steps", "2", "--variants", "base,remat=full"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("DPO step, tiny"), out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"base", "remat=full"}, out.stdout
+    assert float(rows["base"][-1]) == 0.0
+    assert float(rows["remat=full"][-1]) < 1e-4, out.stdout
