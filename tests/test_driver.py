@@ -255,11 +255,11 @@ def run_compare(workdir, *extra, env=None):
 def child_pids(pid: int) -> list[int]:
     """Live processes whose parent is `pid` (from /proc)."""
     children = []
-    for entry in os.listdir("/proc"):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
             continue
         if fields[1] == str(pid) and fields[0] != "Z":
             children.append(int(entry))
