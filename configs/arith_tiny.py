@@ -23,6 +23,8 @@ before the final comparison ran seeds 3-7 on test with this file's settings unch
   steps (`dpo.rpo_alpha=1`: pass@n gain +2.3) and the most similar pairs (`pairs.select`: +0.6).
 Three finals with these settings on test (seeds 3-7, 8-12, 13-17; README): ST beats SFT by about 42
 points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: no difference.
+`model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
+other fp32 rounding, so a seed's numbers can differ slightly from the finals' tables.
 """
 
 from dpost import defaults
@@ -35,7 +37,7 @@ def get_config():
     c.model.family = "llama"
     # Recompute each layer's forward in the backward pass: at this model's stage shapes (batch 32,
     # 112 + 144 tokens) the saved attention probabilities cost more to stack and reload than to
-    # recompute (SFT step 0.81x, DPO step 0.85x; BENCHMARKS, "Training-step options").
+    # recompute (BENCHMARKS, "Training-step options"). M0's pre-training ignores it (dpost.pretrain).
     c.model.remat = "full"
     c.model.scratch = dict(
         hidden_size=96, intermediate_size=256, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16,
