@@ -35,10 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpost.models.llama import model as llama  # noqa: E402
+from train_options import model_config  # noqa: E402  (bench/train_options.py: known shapes by name)
 
-SMOLLM2_135M = llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                                 num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
-                                 tie_word_embeddings=True)
 MODULE = "jit_decode_steps"
 
 
@@ -82,7 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    cfg = SMOLLM2_135M
+    _, cfg = model_config("smollm2", "float32")
     params = nn.unbox(jax.jit(lambda key: llama.Llama(cfg).init(key, jnp.zeros((1, 2), jnp.int32))["params"])(
         jax.random.key(0)))
     params = jax.jit(llama.Llama.decode_layout, static_argnums=1)(params, cfg.compute_dtype)

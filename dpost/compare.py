@@ -354,7 +354,6 @@ def run_in_parallel(base, root: epath.Path, methods: list[str], seeds: list[int]
     return {method: [results[method, seed] for seed in seeds] for method in methods}
 
 
-
 def main(argv) -> int:
     del argv
     from dpost import console

@@ -11,8 +11,9 @@ fine-tunes the same M0).
 The result is cached under `pretrain.cache_dir` (default $DPOST_CACHE_DIR, else ~/.cache/dpost) in a
 folder named by the hash of its content: the corpus text, the model's fields and the training
 fields (not the execution options `model.remat` and `model.scan_layers`: M0 is always pre-trained
-with their defaults, and the run's apply to its stages). A second run reuses it; a changed field or generator builds a new one. Its time and FLOPs are
-reported apart from the run's stages (results.json "pretrain").
+with their defaults, and the run's apply to its stages). A second run reuses it; a changed field or
+generator builds a new one. Its time and FLOPs are reported apart from the run's stages
+(results.json "pretrain").
 """
 
 from __future__ import annotations

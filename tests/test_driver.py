@@ -252,26 +252,25 @@ def run_compare(workdir, *extra, env=None):
                           env=dict(os.environ, **(env or {})))
 
 
-def child_pids(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (from /proc)."""
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":
-            children.append(int(entry))
-    return children
-
-
-def is_running(pid: int) -> bool:
+def state_and_parent(pid) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process from /proc, None once it has gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (comm)"
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return state, int(ppid)
+
+
+def is_running(pid) -> bool:
+    found = state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    found = {int(e): state_and_parent(e) for e in filter(str.isdigit, os.listdir("/proc"))}
+    return [child for child, sp in found.items() if sp is not None and sp[0] != "Z" and sp[1] == pid]
 
 
 def test_compare_jobs_run_side_by_side_with_the_same_results(tmp_path, reference_run):
