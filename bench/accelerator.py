@@ -4,7 +4,7 @@
     python bench/accelerator.py --tiny               # smoke test on CPU (tiny shapes, < 1 minute)
     python bench/accelerator.py --peak_tflops 989 --hbm_tbps 3.35 --mesh data=1,fsdp=8
     python bench/accelerator.py --models llama-1b --stages sft --profile /tmp/prof   # + a trace per row
-    python bench/accelerator.py --models llama-1b --stages sft,dpo --batch 16 --remat  # without remat: OOM on 80 GB
+    python bench/accelerator.py --models llama-1b --stages sft,dpo --batch 16 --remat full  # without remat: OOM on 80 GB
     python bench/accelerator.py --models llama-1b --stages sft,dpo --logits_chunk 128   # chunked vocabulary head
 
 Models (random weights, fp32 masters, compute in --dtype):
@@ -335,7 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8 (default: one device, no mesh)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
-    ap.add_argument("--remat", action="store_true", help="rematerialise each layer in the train steps (larger --batch)")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                    help="what each layer keeps for the backward pass in the train steps (model config field "
+                         "`remat`; full or dots fit a larger --batch)")
     ap.add_argument("--attention", default="einsum", choices=("einsum", "fused"),
                     help="training/scoring/prefill attention (model config field `attention`)")
     ap.add_argument("--logits_chunk", type=int, default=None,

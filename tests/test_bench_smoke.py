@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_accelerator_bench_tiny_prints_its_table(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "accelerator.py"), "--tiny", "--stages", "sft,dpo,sample",
-           "--remat", "--profile", str(tmp_path)]
+           "--remat", "full", "--profile", str(tmp_path)]
     env = dict(os.environ, DPOST_HUGEPAGE_MALLOC="0")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,6 +6,7 @@ Every parameter is created through `param_with_axes` so its logical axis names t
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import flax.linen as nn
@@ -72,9 +73,39 @@ def unrolled_layers(module: nn.Module, layer: nn.Module, carry, *args, with_inde
 
 def fused_attention(q, k, v, *, mask, bias=None, scale: float | None = None) -> jax.Array:
     """q [B, T, N, Dh], k/v [B, S, K, Dh] (K divides N: grouped-query), mask bool and bias fp32,
-    both broadcastable to [B, N, T, S] -> [B, T, N, Dh]. Scores and softmax in fp32 whatever the
-    compute dtype. `implementation=None` lets JAX pick the kernel for the platform."""
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask, scale=scale)
+    both broadcastable to [B, N, T, S] -> [B, T, N, Dh].
+
+    On GPU, bf16/fp16 attention over more than one query goes to cuDNN's flash attention (JAX's
+    `implementation=None` still means XLA there); mask and bias become one additive bias in the
+    compute dtype, so its numbers are within bf16 rounding of the einsum path. Shapes cuDNN refuses
+    (JAX says so while tracing) and every other platform take XLA's implementation, which keeps the
+    scores and softmax in fp32."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if use_cudnn_attention(q):
+        t = q.shape[1]
+        # cuDNN wants the bias's query axis spelled out (a padding mask broadcasts it).
+        mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], t, k.shape[1]))
+        try:
+            return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                                mask=mask, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError) as err:
+            _warn_cudnn_refused(str(err))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+
+def use_cudnn_attention(q) -> bool:
+    """Whether `fused_attention` tries cuDNN: a GPU backend, a half-precision compute dtype and
+    more than one query position (single-query decode steps stay on XLA)."""
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[1] > 1
+
+
+_CUDNN_REFUSALS: set[str] = set()
+
+
+def _warn_cudnn_refused(reason: str) -> None:
+    if reason not in _CUDNN_REFUSALS:  # once per reason: tracing repeats for every program
+        _CUDNN_REFUSALS.add(reason)
+        logging.warning("fused attention: cuDNN refused this shape (%s); using XLA's implementation", reason)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]):

@@ -110,3 +110,41 @@ def test_scoring_and_prefill_fused_equals_einsum(family, fused_calls):
 def test_attention_setting_checked():
     with pytest.raises(ValueError, match="attention='flash'"):
         imported("llama")[0]["fused"].config.replace(attention="flash")
+
+
+@pytest.mark.parametrize("refuses", (False, True))
+def test_fused_attention_routes_half_precision_to_cudnn_on_gpu(monkeypatch, caplog, refuses):
+    """On a GPU backend a bf16 attention asks JAX for cuDNN (whose `implementation=None` means XLA)
+    with what cuDNN's layout checks require: the mask's query axis spelled out and the bias in the
+    compute dtype; a shape cuDNN refuses falls back to XLA with one warning. cuDNN itself needs a
+    GPU: here a stand-in checks the arguments and computes XLA's answer from them, which must stay
+    within bf16 rounding of the fp32 answer."""
+    real = jax.nn.dot_product_attention
+    asked = []
+
+    def stand_in(q, k, v, *, bias=None, mask=None, scale=None, implementation=None):
+        asked.append(implementation)
+        if implementation == "cudnn":
+            assert mask.shape[2] == q.shape[1] and bias.dtype == q.dtype and k.dtype == q.dtype
+            if refuses:
+                raise NotImplementedError("unsupported shape")
+        return real(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    rng = np.random.default_rng(0)
+    b, t, s, n, kv, dh = 2, 6, 8, 4, 2, 16
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((b, t, n, dh), (b, s, kv, dh), (b, s, kv, dh)))
+    mask = np.ones((b, 1, 1, s), bool)
+    mask[0, ..., :3] = False  # left padding of row 0: a padding mask without a query axis
+    bias = rng.standard_normal((1, n, t, s)).astype(np.float32)
+    want = real(q, k, v, bias=bias, mask=mask)  # fp32, XLA
+    got = layers.fused_attention(jax.numpy.asarray(q, jax.numpy.bfloat16), k, v, mask=mask, bias=bias)
+    assert asked == (["cudnn", "xla"] if refuses else ["cudnn"])
+    assert got.dtype == jax.numpy.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.06, rtol=0.03)
+    assert ("cuDNN refused" in caplog.text) == refuses
+    asked.clear()
+    layers.fused_attention(q, k, v, mask=mask, bias=bias)  # fp32 stays on XLA
+    layers.fused_attention(jax.numpy.asarray(q[:, :1], jax.numpy.bfloat16), k, v, mask=mask, bias=bias[:, :, :1])
+    assert asked == ["xla", "xla"]  # ... and so does a single-query (decode) step
