@@ -24,6 +24,9 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = True
     c.model.dropout = 0.1
+    # cuDNN flash attention on GPU for DPO, scoring and prefill (SFT with dropout keeps the einsum
+    # path); on one H200 a DPO step ran 1.2x (T5-Large) to 1.6x (Llama-1B) faster (BENCHMARKS.md)
+    c.model.attention = "fused"
     c.data.source = "local"
     c.data.max_prompt_len = 256  # Llama: prompt 256 / target 384 tokens
     c.data.max_target_len = 384

@@ -81,8 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
             # the scan's buffers; BENCHMARKS.md "Training-step options" for when it pays)
             scan_layers=True,
             # training, scoring and prefill attention: einsum (spelled out; also the path under
-            # attention dropout) | fused (jax.nn.dot_product_attention); same numbers within fp32
-            # rounding. einsum: fused measured 1.1-2.3x slower on CPU (bench/attention.py)
+            # attention dropout) | fused (jax.nn.dot_product_attention: cuDNN flash attention on GPU
+            # in bf16/fp16, XLA elsewhere). einsum: fused measured 1.1-2.3x slower on CPU
+            # (bench/attention.py); on one H200, 1.2-1.6x faster training steps (BENCHMARKS.md)
             attention="einsum",
             # decoder-only train steps and reference scoring: the vocabulary head over this many target
             # positions at a time (0 = all at once); bounds the fp32 [rows, positions, vocab] logits
