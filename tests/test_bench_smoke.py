@@ -35,3 +35,15 @@ def test_train_options_bench_dpo_step_prints_each_variant():
     assert set(rows) == {"base", "remat=full"}, out.stdout
     assert float(rows["base"][-1]) == 0.0
     assert float(rows["remat=full"][-1]) < 1e-4, out.stdout
+
+
+def test_trace_summary_busy_time_is_the_union_of_kernel_intervals():
+    """bench/trace_summary.py's idle share rests on this: overlapping kernels count once."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from trace_summary import busy_ns
+    finally:
+        sys.path.pop(0)
+    assert busy_ns([(20, 25), (0, 10), (5, 12)]) == 17  # [0, 12) and [20, 25)
+    assert busy_ns([(0, 10), (2, 3)]) == 10
+    assert busy_ns([]) == 0
