@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 15's GPU measurements as one device call (about 7 minutes on one H200): the training steps'
-# MFU with the einsum and the fused (cuDNN) attention, at 8 and 16 sequences, remat policies and
-# options side by side, and the sampler against the HBM bound with and without XLA's command
-# buffers. Output: $OUT (default /tmp/gpu_suite)/all.log, and the tables in $OUT/summary.txt.
+# MFU with the einsum and the fused (cuDNN) attention, at 8 sequences and at the batch where the
+# targets are met, step options side by side, and the sampler against the HBM bound: its kernel
+# profile and a run without XLA's command buffers. Output: $OUT (default /tmp/gpu_suite)/all.log,
+# and the tables in $OUT/summary.txt.
 #
 #     bash bench/gpu_suite.sh            # on the GPU host, from the repository root
 #     SMOKE=1 bash bench/gpu_suite.sh    # tiny shapes on CPU: checks the script itself (~3 minutes)
@@ -32,7 +33,7 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...: output to $OUT/all.log, table line
   timeout "$limit" "$@" >"$log" 2>&1
   local rc=$?
   { echo "== $name: $*"; cat "$log"; } >>"$OUT/all.log"
-  grep -E '^(model|-----|llama|flan|variant|attention|SFT|DPO|device|  (llama|flan))|cuDNN refused' "$log" | tee -a "$OUT/summary.txt"
+  grep -E '^(model|-----|llama|flan|variant|attention|SFT|DPO|device|/device|  (llama|flan| +[0-9]))|cuDNN refused' "$log" | tee -a "$OUT/summary.txt"
   [ "$rc" -ne 0 ] && tail -n 5 "$log" | tee -a "$OUT/summary.txt"
   echo "exit $rc after $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
   return $rc
@@ -50,14 +51,15 @@ run einsum 170 "${ACC[@]}" --attention einsum
 L=fused; T=fused
 run fused_llama 60 "${ACC[@]}" --attention fused --stages sft,dpo --models llama-1b || L=einsum
 run fused_t5 70 "${ACC[@]}" --attention fused --stages sft,dpo --models flan-t5-large || T=einsum
-# 16 sequences per step: without remat where the fused attention may make it fit, and with remat=dots
-[ $L = fused ] && run llama_b16 60 "${ACC[@]}" --attention $L --stages sft,dpo --models llama-1b --batch 16
-run llama_b16_dots 60 "${ACC[@]}" --attention $L --stages sft,dpo --models llama-1b --batch 16 --remat dots
-run t5_b16 70 "${ACC[@]}" --attention $T --stages sft,dpo --models flan-t5-large --batch 16
+# the batch where issue 15's MFU targets are met (BENCHMARKS.md, run 7): remat=dots, 32 / 64 sequences
+run llama_b32_dots 60 "${ACC[@]}" --attention $L --stages sft,dpo --models llama-1b --batch 32 --remat dots
+run t5_b64_dots 70 "${ACC[@]}" --attention $T --stages sft,dpo --models flan-t5-large --batch 64 --remat dots
 # step options at 16 sequences (llama-1b): remat policies, unrolled layers, bf16 first moment
 run options 130 "$PY" bench/train_options.py "${OPTS[@]}" \
   --variants attention=$L+remat=full,attention=$L+remat=dots,attention=$L+remat=dots+scan_layers=0,attention=$L+remat=dots+moments=bfloat16
-# the sampler without XLA's command buffers (the default keeps them on)
+# where a decode call's GPU time goes (kernels, busy, idle), then the sampler without XLA's command buffers
+run sample_profile 60 "${ACC[@]}" --stages sample --models llama-1b --profile /tmp/gpu_suite_trace
+run trace_summary 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace --top 10
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   run sample_nocmdbuf 60 "${ACC[@]}" --stages sample --models llama-1b
 echo "total $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
