@@ -20,7 +20,9 @@ before the final comparison ran seeds 3-7 on test with this file's settings unch
 - DPO 40 steps (of 40, 80, 160 at lr 1e-5; dev seeds 0-2, after the final): more steps raised the
   reward margin but lowered the DPO model's samples' pass@n (+3.3, -0.5, -5.3 points against SFT_0's);
 - kept after a later dev screen (seeds 0-2, iteration 1) against an NLL term on the chosen side at 80
-  steps (`dpo.rpo_alpha=1`: pass@n gain +2.3) and the most similar pairs (`pairs.select`: +0.6).
+  steps (`dpo.rpo_alpha=1`: pass@n gain +2.3) and the most similar pairs (`pairs.select`: +0.6),
+  and a third against DPO beta 0.25 and 0.5 (+2.3 each; the policy moved no further: AdamW cancels
+  beta's gradient scale).
 Three finals with these settings on test (seeds 3-7, 8-12, 13-17; README): ST beats SFT by about 42
 points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: no difference.
 `model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
