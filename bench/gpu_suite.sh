@@ -54,9 +54,10 @@ run fused_t5 70 "${ACC[@]}" --attention fused --stages sft,dpo --models flan-t5-
 # the batch where issue 15's MFU targets are met (BENCHMARKS.md, run 7): remat=dots, 32 / 64 sequences
 run llama_b32_dots 60 "${ACC[@]}" --attention $L --stages sft,dpo --models llama-1b --batch 32 --remat dots
 run t5_b64_dots 70 "${ACC[@]}" --attention $T --stages sft,dpo --models flan-t5-large --batch 64 --remat dots
-# step options at 16 sequences (llama-1b): remat policies, unrolled layers, bf16 first moment
-run options 130 "$PY" bench/train_options.py "${OPTS[@]}" \
-  --variants attention=$L+remat=full,attention=$L+remat=dots,attention=$L+remat=dots+scan_layers=0,attention=$L+remat=dots+moments=bfloat16
+# step options at 16 sequences (llama-1b): einsum first, so the loss and max |dparam| columns say how
+# far the fused (cuDNN) step's numbers are from it; then remat policies, unrolled layers, bf16 moment
+run options 150 "$PY" bench/train_options.py "${OPTS[@]}" \
+  --variants attention=einsum+remat=dots,attention=$L+remat=dots,attention=$L+remat=full,attention=$L+remat=dots+scan_layers=0,attention=$L+remat=dots+moments=bfloat16
 # where a decode call's GPU time goes (kernels, busy, idle), then the sampler without XLA's command buffers
 run sample_profile 60 "${ACC[@]}" --stages sample --models llama-1b --profile /tmp/gpu_suite_trace
 run trace_summary 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace --top 10
