@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpost import models, sampling, sharding, training  # noqa: E402
-from dpost.models import sources  # noqa: E402
+from dpost.models import layers, sources  # noqa: E402
 from dpost.models.llama.model import LlamaConfig  # noqa: E402
 from dpost.models.registry import get_family  # noqa: E402
 from dpost.models.t5.model import T5Config  # noqa: E402
@@ -335,10 +335,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8 (default: one device, no mesh)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s per device")
     ap.add_argument("--hbm_tbps", type=float, default=None, help="HBM bandwidth per device in TB/s")
-    ap.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+    ap.add_argument("--remat", default="none", choices=layers.REMATS,
                     help="what each layer keeps for the backward pass in the train steps (model config field "
                          "`remat`; full or dots fit a larger --batch)")
-    ap.add_argument("--attention", default="einsum", choices=("einsum", "fused"),
+    ap.add_argument("--attention", default="einsum", choices=layers.ATTENTIONS,
                     help="training/scoring/prefill attention (model config field `attention`)")
     ap.add_argument("--logits_chunk", type=int, default=None,
                     help="decoder-only train steps: vocabulary head this many target positions at a time")

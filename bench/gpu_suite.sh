@@ -26,7 +26,7 @@ fi
 
 run() {  # run NAME LIMIT_SECONDS COMMAND...: output to $OUT/all.log, table lines to $OUT/summary.txt
   local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - (SECONDS - start))) log=/tmp/gpu_suite_$1.log
+  local left=$((DEADLINE - (SECONDS - start))) log=/tmp/gpu_suite_$name.log
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "== $name: skipped (deadline)" | tee -a "$OUT/summary.txt"; return 124; fi
   echo "== $name (limit ${limit}s, at $((SECONDS - start))s): $*" | tee -a "$OUT/summary.txt"

@@ -6,6 +6,7 @@ Every parameter is created through `param_with_axes` so its logical axis names t
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -77,9 +78,9 @@ def fused_attention(q, k, v, *, mask, bias=None, scale: float | None = None) -> 
 
     On GPU, bf16/fp16 attention over more than one query goes to cuDNN's flash attention (JAX's
     `implementation=None` still means XLA there); mask and bias become one additive bias in the
-    compute dtype, so its numbers are within bf16 rounding of the einsum path. Shapes cuDNN refuses
-    (JAX says so while tracing) and every other platform take XLA's implementation, which keeps the
-    scores and softmax in fp32."""
+    compute dtype (so its numbers should stay within bf16 rounding of the einsum path; checked on CPU
+    with a stand-in for cuDNN, not yet on a GPU). Shapes cuDNN refuses (JAX says so while tracing)
+    and every other platform take XLA's implementation, which keeps the scores and softmax in fp32."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if use_cudnn_attention(q):
         t = q.shape[1]
@@ -99,13 +100,9 @@ def use_cudnn_attention(q) -> bool:
     return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[1] > 1
 
 
-_CUDNN_REFUSALS: set[str] = set()
-
-
+@functools.cache  # once per reason: tracing repeats for every program
 def _warn_cudnn_refused(reason: str) -> None:
-    if reason not in _CUDNN_REFUSALS:  # once per reason: tracing repeats for every program
-        _CUDNN_REFUSALS.add(reason)
-        logging.warning("fused attention: cuDNN refused this shape (%s); using XLA's implementation", reason)
+    logging.warning("fused attention: cuDNN refused this shape (%s); using XLA's implementation", reason)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]):
