@@ -19,7 +19,6 @@ import glob
 import gzip
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpost.models.llama import model as llama  # noqa: E402
+from trace_summary import hlo_name, hlo_sources  # noqa: E402  (bench/trace_summary.py)
 from train_options import model_config  # noqa: E402  (bench/train_options.py: known shapes by name)
 
 MODULE = "jit_decode_steps"
@@ -51,11 +51,9 @@ def decode_state(cfg, rows: int, width: int, fill: int, seed: int = 0) -> dict:
             "index": jnp.full((rows,), fill, jnp.int32)}
 
 
-def hlo_sources(dump: str) -> dict[str, tuple[str, str]]:
-    """HLO instruction name -> (result shape, the last two components of its op_name)."""
-    text = open(glob.glob(os.path.join(dump, f"*{MODULE}.cpu_after_optimizations.txt"))[0]).read()
-    return {name: (shape, "/".join(op.split("/")[-2:]))
-            for name, shape, op in re.findall(r"%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", text)}
+def module_sources(dump: str) -> dict[str, tuple[str, str]]:
+    """The decode program's HLO instructions -> (result shape, source op)."""
+    return hlo_sources(glob.glob(os.path.join(dump, f"*{MODULE}.cpu_after_optimizations.txt")))
 
 
 def thunk_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
@@ -108,11 +106,11 @@ def main() -> None:
     jax.block_until_ready(run(params, tokens, state))
     jax.profiler.stop_trace()
 
-    sources = hlo_sources(DUMP)
+    sources = module_sources(DUMP)
     by_source, count = collections.Counter(), collections.Counter()
     times, runs = thunk_times(trace_dir)
     for op, micros in times.items():
-        key = sources.get(op, ("?", op))
+        key = sources.get(hlo_name(op), ("?", op))
         by_source[key] += micros
         count[key] += runs[op]
     total = sum(by_source.values()) / 1e3 / args.steps

@@ -58,9 +58,12 @@ run t5_b64_dots 70 "${ACC[@]}" --attention $T --stages sft,dpo --models flan-t5-
 # far the fused (cuDNN) step's numbers are from it; then remat policies, unrolled layers, bf16 moment
 run options 150 "$PY" bench/train_options.py "${OPTS[@]}" \
   --variants attention=einsum+remat=dots,attention=$L+remat=dots,attention=$L+remat=full,attention=$L+remat=dots+scan_layers=0,attention=$L+remat=dots+moments=bfloat16
-# where a decode call's GPU time goes (kernels, busy, idle), then the sampler without XLA's command buffers
-run sample_profile 60 "${ACC[@]}" --stages sample --models llama-1b --profile /tmp/gpu_suite_trace
-run trace_summary 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace --top 10
+# where a decode call's GPU time goes (kernels, busy, idle; each XLA kernel and library call mapped to
+# its HLO instruction's source op through the run's HLO dump), then the sampler without XLA's
+# command buffers
+XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/gpu_suite_hlo --xla_dump_hlo_as_text" \
+  run sample_profile 60 "${ACC[@]}" --stages sample --models llama-1b --profile /tmp/gpu_suite_trace
+run trace_summary 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace --top 15 --hlo /tmp/gpu_suite_hlo
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   run sample_nocmdbuf 60 "${ACC[@]}" --stages sample --models llama-1b
 echo "total $((SECONDS - start))s" | tee -a "$OUT/summary.txt"

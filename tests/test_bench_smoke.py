@@ -47,3 +47,34 @@ def test_trace_summary_busy_time_is_the_union_of_kernel_intervals():
     assert busy_ns([(20, 25), (0, 10), (5, 12)]) == 17  # [0, 12) and [20, 25)
     assert busy_ns([(0, 10), (2, 3)]) == 10
     assert busy_ns([]) == 0
+
+
+HLO_DUMP = """\
+fused_computation.3 {
+  %param_0 = f32[64,8,1,384]{3,2,1,0} parameter(0)
+  ROOT %reduce.2 = f32[64,8,1]{2,1,0} reduce(%param_0), metadata={op_name="jit(decode)/while/body/attn/reduce_sum"}
+}
+ENTRY main {
+  %fusion.1172 = f32[64,8,1]{2,1,0} fusion(%p), kind=kInput, calls=%fused_computation.3, metadata={op_name="jit(decode)/while/body/attn/reduce_sum"}
+  %custom-call.5 = (bf16[64,5632]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(decode)/while/body/mlp/dot_general"}
+}
+"""
+
+
+def test_trace_summary_labels_kernels_with_their_hlo_source_op(tmp_path):
+    """--hlo: kernels and XLA Ops events are named after HLO instructions (dots and dashes as
+    underscores in kernel names); their time is summed per (shape, source op), others keep their name."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from trace_summary import by_source, hlo_sources
+    finally:
+        sys.path.pop(0)
+    dump = tmp_path / "module_0001.jit_decode.sm_9.0_gpu_after_optimizations.txt"
+    dump.write_text(HLO_DUMP)
+    sources = hlo_sources([str(dump)])
+    assert sources["fusion_1172"] == ("f32[64,8,1]{2,1,0}", "attn/reduce_sum")
+    assert sources["custom_call_5"] == ("(bf16[64,5632]{1,0},", "mlp/dot_general")
+    assert sources["reduce_2"] == ("f32[64,8,1]{2,1,0}", "attn/reduce_sum")
+    totals = by_source({"fusion_1172": 5, "fusion.1172": 2, "custom-call.5": 7, "sm90_xmma_gemm": 3}, sources)
+    assert totals == {("f32[64,8,1]{2,1,0}", "attn/reduce_sum"): 7, ("(bf16[64,5632]{1,0},", "mlp/dot_general"): 7,
+                      ("", "sm90_xmma_gemm"): 3}
