@@ -179,6 +179,7 @@ def rules() -> dict[str, Rule]:
         **_optimizer_rules("dpo.optimizer"),
         "dpo.reference": one_of(DPO_REFERENCES),
         "dpo.eval_pairs": integer(0),
+        "dpo.mask_calculator": BOOLEAN,
         "pairs.max_per_question": integer(1),
         "pairs.dedup_threshold": number(0, 1),
         "pairs.similarity": one_of(SIMILARITIES),
@@ -217,6 +218,9 @@ def cross_field_rules() -> tuple[tuple[Callable[[Any], bool], str], ...]:
          "config field 'eval.checkpoint' is empty; mode 'eval' needs one of " + _weights_forms(allow_scratch=False)),
         (lambda c: c.mode == "train" and c.model.source in GENERATED and c.model.family == "",
          "config field 'model.family' is empty; model.source 'scratch' or 'pretrain' needs a family"),
+        (lambda c: c.dpo.mask_calculator and c.dpo.reference != "in_step",
+         "config field 'dpo.mask_calculator' = True needs dpo.reference 'in_step' (the precomputed reference "
+         "log-probs are sums over every token)"),
     )
 
 

@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
             optimizer=optimizer_fields(learning_rate=7e-7),
             reference="precomputed",  # precomputed (harvested/scored once) | in_step
             eval_pairs=320,  # the first N pairs double as the DPO eval set
+            # True: the log-prob sums leave out the tokens the calculator forces when sampling (its
+            # results and closing markers), which the policy never chooses; not the release (False).
+            # Needs reference=in_step.
+            mask_calculator=False,
         )
     )
 

@@ -25,6 +25,7 @@ from dpost.data import batching, builders, formatting, pipeline
 from dpost.data.gsm8k import Example
 from dpost.distributed import barrier
 from dpost.models.bundle import ModelBundle
+from dpost.sampling import forcing
 from dpost.sharding import Layout
 from dpost.workdir import StageDir, read_jsonl, write_jsonl_atomic
 
@@ -321,6 +322,8 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     pad = policy.pad_token_id
     p_len, c_len = _stage_lengths(items, ["chosen", "rejected"], cfg.data.max_prompt_len, cfg.data.max_target_len)
     arrays = _pair_arrays(items, pad, p_len, c_len)
+    if cfg.dpo.mask_calculator:
+        arrays.update(_calculator_loss_masks(policy, items, arrays))
     ref_c = np.array([np.nan if r[0] is None else r[0] for r in refs], np.float32)
     ref_r = np.array([np.nan if r[1] is None else r[1] for r in refs], np.float32)
     harvested = int((~np.isnan(ref_c)).sum() + (~np.isnan(ref_r)).sum())
@@ -377,6 +380,20 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
         flops=6.0 * n * tokens_per_step * steps + ref_flops,
         eval={k: float(v) for k, v in last_eval.items() if k != "step"},
     )
+
+
+def _calculator_loss_masks(bundle: ModelBundle, items, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`dpo.mask_calculator`: per side, the completion mask without the tokens the calculator
+    forces when sampling (the DPO steps sum log-probs over `<side>_loss_mask` when present)."""
+    tables = forcing.tables_for(bundle.tokenizer, bundle.family, int(bundle.config.vocab_size))
+    masks = {}
+    for side in ("chosen", "rejected"):
+        keep = arrays[side + "_mask"].copy()
+        for row, item in enumerate(items):
+            ids = item[side]
+            keep[row, : len(ids)] &= ~forcing.forced_positions(bundle.tokenizer, bundle.family, ids, tables)
+        masks[side + "_loss_mask"] = keep
+    return masks
 
 
 def _eval_batches(arrays: dict[str, np.ndarray], n_eval: int, batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -215,6 +215,30 @@ def forced_ids(tokenizer, family: str, completion_ids: Sequence[int]) -> list[in
     return ids or None
 
 
+def forced_positions(tokenizer, family: str, completion_ids: Sequence[int], tables: CalculatorTables) -> np.ndarray:
+    """bool [len(completion_ids)]: the tokens the calculator forces when this completion is sampled
+    (results and closing markers). A replay of the sampler: the automaton over the tokens, and at each
+    event the ids it would force, marked where the completion continues with exactly them."""
+    ids = [int(t) for t in completion_ids]
+    forced = np.zeros(len(ids), bool)
+    vocab = tables.event.shape[1]
+    state, t = tables.start, 0
+    while t < len(ids):
+        token = ids[t]
+        event = token < vocab and bool(tables.event[state, token])
+        state = int(tables.next_state[state, token]) if token < vocab else state
+        t += 1
+        if not event:
+            continue
+        queue = forced_ids(tokenizer, family, ids[:t])
+        if queue and ids[t : t + len(queue)] == queue:
+            forced[t : t + len(queue)] = True
+            for token in queue:
+                state = int(tables.next_state[state, token])
+            t += len(queue)
+    return forced
+
+
 def fill_queues(tokenizer, family: str, tokens, length, rows, queue, queue_len, vocab_size: int) -> None:
     """Writes the forced ids of each row in `rows` (rows with a calculator event; `tokens[r,
     :length[r]]` its completion so far) into the host arrays `queue` [R, Q] / `queue_len` [R]."""

@@ -130,7 +130,8 @@ def pair_inputs(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 
 def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None,
                         chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Masked token log-probs of (chosen [B, Cc], rejected [B, Cr]) in one forward pass.
+    """Masked token log-probs of (chosen [B, Cc], rejected [B, Cr]) in one forward pass; where the
+    batch has `chosen_loss_mask` / `rejected_loss_mask`, masked by those too.
 
     shared_prefix (default: for decoder-only models) runs the prompt once per pair; otherwise the
     pairs are laid out as a doubled batch through the family's `completion_logits`."""
@@ -138,12 +139,21 @@ def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None
     if shared_prefix is None:
         shared_prefix = is_decoder_only(module)
     if shared_prefix:
-        return shared_prefix_pair_logprobs(module, params, batch, chunk)
-    prompt, prompt_mask, completion, completion_mask = pair_inputs(batch)
-    logps = completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
-    b = batch["prompt"].shape[0]
-    logps = logps.reshape(b, 2, -1)
-    return logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]
+        chosen, rejected = shared_prefix_pair_logprobs(module, params, batch, chunk)
+    else:
+        prompt, prompt_mask, completion, completion_mask = pair_inputs(batch)
+        logps = completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
+        logps = logps.reshape(batch["prompt"].shape[0], 2, -1)
+        chosen, rejected = logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]
+    if "chosen_loss_mask" in batch:  # `dpo.mask_calculator`: tokens the policy does not choose left out
+        chosen = chosen * batch["chosen_loss_mask"].astype(chosen.dtype)
+        rejected = rejected * batch["rejected_loss_mask"].astype(rejected.dtype)
+    return chosen, rejected
+
+
+def loss_mask(batch, side: str) -> jax.Array:
+    """The tokens of `side` whose log-probs the DPO sums count (`<side>_loss_mask` where present)."""
+    return batch.get(f"{side}_loss_mask", batch[f"{side}_mask"])
 
 
 def reference_logps(module, ref_params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -155,8 +165,8 @@ def reference_logps(module, ref_params, batch, chunk: int | None = None) -> tupl
 def dpo_terms(module, params, batch, cfg: DPOConfig, ref_chosen, ref_rejected, chunk: int | None = None):
     """Per-pair DPO quantities for one (micro-)batch: dict of [B] arrays and token sums."""
     chosen_logps, rejected_logps = pair_token_logprobs(module, params, batch, chunk=chunk)
-    chosen_mask = batch["chosen_mask"].astype(jnp.float32)
-    rejected_mask = batch["rejected_mask"].astype(jnp.float32)
+    chosen_mask = loss_mask(batch, "chosen").astype(jnp.float32)
+    rejected_mask = loss_mask(batch, "rejected").astype(jnp.float32)
     policy_chosen, policy_rejected = chosen_logps.sum(-1), rejected_logps.sum(-1)
     ipo = cfg.loss_type == "ipo"
     losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -423,7 +433,7 @@ def _finish_dpo_metrics(sums, n_pairs, n_chosen_tokens):
 def _dpo_counts(batch):
     valid = _valid(batch, batch["prompt"].shape[0])
     n_pairs = jnp.maximum(valid.sum(), 1.0)
-    n_chosen = jnp.maximum((batch["chosen_mask"].astype(jnp.float32) * valid[:, None]).sum(), 1.0)
+    n_chosen = jnp.maximum((loss_mask(batch, "chosen").astype(jnp.float32) * valid[:, None]).sum(), 1.0)
     return n_pairs, n_chosen
 
 
