@@ -127,6 +127,11 @@ def test_cross_field_rules():
     assert config_check.problems(with_field(evaluation, "eval.checkpoint", "orbax:/ckpt")) == []
     assert config_check.problems(with_field(load_config(), "model.family", "")) == [
         "config field 'model.family' is empty; model.source 'scratch' or 'pretrain' needs a family"]
+    masked = with_field(load_config(), "dpo.mask_calculator", True)
+    assert config_check.problems(masked) == [
+        "config field 'dpo.mask_calculator' = True needs dpo.reference 'in_step' (the precomputed reference "
+        "log-probs are sums over every token)"]
+    assert config_check.problems(with_field(masked, "dpo.reference", "in_step")) == []
 
 
 def test_missing_field_named():

@@ -142,3 +142,27 @@ def test_context_aware_tokenization_sentencepiece():
     assert tok.decode(forcing.forced_ids(tok, "t5", ids)).strip() == "0.33]"
     # forced text tokenized alone would differ (no context): the result keeps its word-boundary piece
     assert forcing.tokenize_in_context(tok, "[ 7 =", " 7]") == tok.convert_tokens_to_ids(["▁7", "]"])
+
+
+FORCED_SPANS = {"llama": [["24>>"], ["0.33>>", "12340>>"], ["-2>>"], ["2.5>>", "9>>"]],
+                "t5": [["24]"], ["0.33]", "12340]"], ["-2]"], ["2.5]", "9]"]]}
+
+
+def test_forced_positions_replay_what_the_sampler_forced(scripted):
+    """`forcing.forced_positions` (dpo.mask_calculator) marks, in a sampled completion, exactly the
+    tokens the calculator forced: each marked span decodes to a result and closing marker of CASES'
+    expected texts; the failed evaluation (`2+x`) and everything the model wrote are unmarked."""
+    family, tok, bundle, prompts = scripted
+    on = sampling.generate(bundle, prompts, max_new_tokens=48, calculator=True)
+    tables = forcing.tables_for(tok, family, bundle.config.vocab_size)
+    for (s,), want in zip(on, FORCED_SPANS[family]):
+        marked = forcing.forced_positions(tok, family, s.token_ids, tables)
+        spans, current = [], []
+        for token, is_forced in zip(s.token_ids, marked):
+            if is_forced:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans += [current] if current else []
+        assert [tok.decode(span).strip() for span in spans] == want, s.text

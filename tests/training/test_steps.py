@@ -438,3 +438,34 @@ def test_scoring_with_a_chunked_head_equals_the_whole_head():
     t5_whole = scoring._sequence_logprobs(t5_module, t5_params, *args, None)
     np.testing.assert_array_equal(np.asarray(scoring._sequence_logprobs(t5_module, t5_params, *args, 4)),
                                   np.asarray(t5_whole))
+
+
+def test_loss_masks_leave_tokens_out_of_the_dpo_sums():
+    """`<side>_loss_mask` (dpo.mask_calculator): the in-step DPO loss and logps metrics are those of
+    per-token log-probs (here from the model's plain `completion_logits`, one side at a time, not the
+    step's shared-prefix layout) summed over the loss mask only, for policy and reference alike."""
+    from dpost.models.scoring import token_logprobs_from_logits
+
+    module, cfg, params, _ = llama()
+    batch = th.pair_batch(5, batch=4)
+    rng = np.random.default_rng(0)
+    for side in ("chosen", "rejected"):  # drop about a third of each side's tokens
+        batch[side + "_loss_mask"] = batch[side + "_mask"] * (rng.random(batch[side].shape) > 0.33)
+    ref_params = jax.tree.map(lambda x: x + 0.01, params)
+    beta = 0.1
+    _, metrics = shared_step("dpo", beta=beta)(fresh_state(), batch, ref_params)
+
+    def masked_sum(p, side):
+        logits = module.apply({"params": p}, batch["prompt"], batch["prompt_mask"], batch[side], batch[side + "_mask"],
+                              method="completion_logits")
+        logps = np.asarray(token_logprobs_from_logits(logits, jnp.asarray(batch[side])), np.float64)
+        return (logps * batch[side + "_loss_mask"]).sum(-1)
+
+    pc, pr = masked_sum(params, "chosen"), masked_sum(params, "rejected")
+    rc, rr = masked_sum(ref_params, "chosen"), masked_sum(ref_params, "rejected")
+    logits = beta * ((pc - rc) - (pr - rr))
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(np.log1p(np.exp(-logits))), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["logps/chosen"]), pc.mean(), rtol=1e-5)
+    unmasked = shared_step("dpo", beta=beta)(fresh_state(), {k: v for k, v in batch.items() if "loss" not in k},
+                                             ref_params)[1]
+    assert abs(float(unmasked["logps/chosen"]) - pc.mean()) > 1.0  # the masks did leave tokens out
