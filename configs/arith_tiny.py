@@ -22,7 +22,8 @@ before the final comparison ran seeds 3-7 on test with this file's settings unch
 - kept after a later dev screen (seeds 0-2, iteration 1) against an NLL term on the chosen side at 80
   steps (`dpo.rpo_alpha=1`: pass@n gain +2.3) and the most similar pairs (`pairs.select`: +0.6),
   and a third against DPO beta 0.25 and 0.5 (+2.3 each; the policy moved no further: AdamW cancels
-  beta's gradient scale).
+  beta's gradient scale); on another machine's M0 (dev seeds 0-2, gain of the config +0.7), against
+  `dpo.mask_calculator` (pass@3 0.9 points below the config's) and a 2.4x larger model (gain -0.3).
 Three finals with these settings on test (seeds 3-7, 8-12, 13-17; README): ST beats SFT by about 42
 points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: no difference.
 All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
