@@ -2,7 +2,7 @@
 # Issue 15's GPU measurements as one device call (about 7 minutes on one H200): the training steps'
 # MFU with the einsum and the fused (cuDNN) attention, at 8 sequences and at the batch where the
 # targets are met, step options side by side, and the sampler against the HBM bound: its kernel
-# profile and a run without XLA's command buffers. Output: $OUT (default /tmp/gpu_suite)/all.log,
+# profile by source op, a run without XLA's command buffers, then T5's profile if time is left. Output: $OUT (default /tmp/gpu_suite)/all.log,
 # and the tables in $OUT/summary.txt.
 #
 #     bash bench/gpu_suite.sh            # on the GPU host, from the repository root
@@ -66,4 +66,8 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/gpu_suite_hlo --xla_dump_hlo_as_tex
 run trace_summary 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace --top 15 --hlo /tmp/gpu_suite_hlo
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   run sample_nocmdbuf 60 "${ACC[@]}" --stages sample --models llama-1b
+# T5's decode is as far from the bound as Llama's with other attention code: its profile too, if time is left
+XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/gpu_suite_hlo_t5 --xla_dump_hlo_as_text" \
+  run sample_profile_t5 60 "${ACC[@]}" --stages sample --models flan-t5-large --profile /tmp/gpu_suite_trace_t5
+run trace_summary_t5 40 "$PY" bench/trace_summary.py /tmp/gpu_suite_trace_t5 --top 15 --hlo /tmp/gpu_suite_hlo_t5
 echo "total $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
