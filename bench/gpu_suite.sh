@@ -2,8 +2,8 @@
 # Issue 15's GPU measurements as one device call (about 7 minutes on one H200): the training steps'
 # MFU with the einsum and the fused (cuDNN) attention, at 8 sequences and at the batch where the
 # targets are met, step options side by side, and the sampler against the HBM bound: its kernel
-# profile by source op, a run without XLA's command buffers, then T5's profile if time is left. Output: $OUT (default /tmp/gpu_suite)/all.log,
-# and the tables in $OUT/summary.txt.
+# profile by source op, a run without XLA's command buffers, then T5's profile if time is left.
+# Output: $OUT (default /tmp/gpu_suite)/all.log, and the tables in $OUT/summary.txt.
 #
 #     bash bench/gpu_suite.sh            # on the GPU host, from the repository root
 #     SMOKE=1 bash bench/gpu_suite.sh    # tiny shapes on CPU: checks the script itself (~3 minutes)
