@@ -8,7 +8,8 @@ does), each completion token's shift is log p_DPO(token) - log p_SFT(token). A p
 (the implicit reward margin over beta) is the chosen side's summed shift minus the rejected side's.
 The tokens before the sides' first differing token are the same on both sides and cancel; the rest
 is split into the first differing token itself and the tokens after it, each as *forced* (a calculator
-result and closing marker, which sampling never draws: the calculator forces them), *numeric*
+result and closing marker, which sampling never draws: the calculator forces them; found by
+`forcing.forced_positions`, a replay of the sampler), *numeric*
 (another sub-word piece with a digit or one of `+-*/=<>#`: equations, the answer line) or *word*
 (the phrasing). Also: how many pairs first differ at a numeric token (where a reasoning
 step can go wrong) rather than in the wording, and the rejected side's numeric tokens lined up with
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 
@@ -29,11 +31,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
 from etils import epath  # noqa: E402
 
 from dpost import stages  # noqa: E402
 from dpost.data import batching, pipeline  # noqa: E402
 from dpost.models import scoring  # noqa: E402
+from dpost.sampling import forcing  # noqa: E402
 from dpost.sharding import Layout  # noqa: E402
 from dpost.workdir import StageDir  # noqa: E402
 
@@ -43,31 +47,6 @@ BATCH = 64
 
 def token_kind(piece: str) -> str:
     return "numeric" if any(ch in NUMERIC for ch in piece) else "word"
-
-
-def calculator_forced(texts: list[str], open_: str = "<<", close: str = ">>") -> list[bool]:
-    """Per token (its decoded text), whether the calculator forces it when sampling: the text after
-    an annotation's first `=`, through the closing marker (`dpost.sampling.forcing`: Llama
-    `<<48/2=24>>` forces `24>>`). A token counts when any of its characters does."""
-    forced, state, prev = [], "out", ""
-    for text in texts:
-        hit = False
-        for ch in text:
-            pair = prev + ch
-            if state == "out" and pair == open_:
-                state = "expr"
-            elif state == "expr" and ch == "=":
-                state = "result"
-                prev = ""
-                continue
-            elif state == "result":
-                hit = True
-                if pair == close:
-                    state = "out"
-                    ch = ""
-            prev = ch
-        forced.append(hit)
-    return forced
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -91,18 +70,17 @@ def numeric_steps(rejected: np.ndarray, chosen: np.ndarray, shift: np.ndarray, p
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask):
+    logits = module.apply({"params": params}, prompt, prompt_mask, completion, completion_mask,
+                          method="completion_logits")
+    return scoring.token_logprobs_from_logits(logits, completion)
+
+
 def token_logprobs(bundle, items, side: str) -> list[np.ndarray]:
     """log p(token) of every completion token of `side`, per item."""
-    import jax
-
     p_len = batching.bucket_length(max(len(it["prompt"]) for it in items))
     c_len = batching.bucket_length(max(len(it[side]) for it in items))
-
-    @jax.jit
-    def run(params, prompt, prompt_mask, completion, completion_mask):
-        logits = bundle.module.apply({"params": params}, prompt, prompt_mask, completion, completion_mask,
-                                     method="completion_logits")
-        return scoring.token_logprobs_from_logits(logits, completion)
 
     out = []
     for start in range(0, len(items), BATCH):
@@ -111,8 +89,8 @@ def token_logprobs(bundle, items, side: str) -> list[np.ndarray]:
                                  pad_id=bundle.pad_token_id, max_prompt_len=p_len, max_completion_len=c_len,
                                  batch_size=BATCH, keys=("completion",))
         batch = batching.pad_to_lengths(batch, p_len, c_len, bundle.pad_token_id)
-        logps = np.asarray(run(bundle.params, batch["prompt"], batch["prompt_mask"], batch["completion"],
-                               batch["completion_mask"]))
+        logps = np.asarray(_token_logprobs(bundle.module, bundle.params, batch["prompt"], batch["prompt_mask"],
+                                           batch["completion"], batch["completion_mask"]))
         out += [logps[i, : len(it[side])] for i, it in enumerate(chunk)]
     return out
 
@@ -138,7 +116,7 @@ def main() -> None:
         shift[side] = [a - b for a, b in zip(after, before)]
 
     pieces = reference.tokenizer.convert_ids_to_tokens
-    decode = reference.tokenizer.decode
+    tables = forcing.tables_for(reference.tokenizer, reference.family, int(reference.config.vocab_size))
     parts = collections.defaultdict(list)  # (part, side) -> per-pair contribution to the margin
     numeric = collections.defaultdict(list)  # the rejected side's numeric tokens by step agreement
     prefix = []  # the shared prefix's shift (the same on both sides: it cancels in the margin)
@@ -148,7 +126,7 @@ def main() -> None:
         d = first_difference(it["chosen"], it["rejected"])
         for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
             ids, s = it[side], shift[side][i]
-            forced = calculator_forced([decode([t]) for t in ids.tolist()])
+            forced = forcing.forced_positions(reference.tokenizer, reference.family, ids, tables)
             kinds = ["forced" if f else token_kind(p) for f, p in zip(forced, pieces(ids.tolist()))]
             contrib = collections.Counter()
             if sign > 0:

@@ -1,5 +1,6 @@
 """analysis/dpo_token_shift.py's pure parts on hand-made pairs: where two sides first differ, token
-kinds, and the rejected side's numeric tokens lined up with the chosen side's."""
+kinds, and the rejected side's numeric tokens lined up with the chosen side's (its calculator-forced
+tokens come from `forcing.forced_positions`, tested in tests/sampling/test_sampling_calculator.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "analysis"))
 try:
-    from dpo_token_shift import calculator_forced, first_difference, numeric_steps, token_kind
+    from dpo_token_shift import first_difference, numeric_steps, token_kind
 finally:
     sys.path.pop(0)
 
@@ -40,9 +41,3 @@ def test_numeric_steps_ignore_wording():
     assert got["the first one off"] == pytest.approx(0.6)
     assert got["after that"] == pytest.approx(0.8 + 0.9 + 1.0)
 
-
-def test_calculator_forced_marks_the_result_and_closing_marker():
-    texts = ["Adding", " 8", " gives", " 4", "+", "8", "=<<", "4", "+", "8", "=", "1", "2", ">", ">", "12", ".",
-             " So", " <<", "2", "*", "3", "=", "6", ">>", "6"]
-    want = [False] * 11 + [True] * 4 + [False] * 8 + [True, True, False]  # "12>>" and "6>>"
-    assert calculator_forced(texts) == want

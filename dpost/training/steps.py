@@ -128,6 +128,11 @@ def pair_inputs(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     return prompt, prompt_mask, completion, completion_mask
 
 
+def loss_mask(batch, side: str) -> jax.Array:
+    """The tokens of `side` whose log-probs the DPO sums count (`<side>_loss_mask` where present)."""
+    return batch.get(f"{side}_loss_mask", batch[f"{side}_mask"])
+
+
 def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None,
                         chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Masked token log-probs of (chosen [B, Cc], rejected [B, Cr]) in one forward pass; where the
@@ -146,14 +151,9 @@ def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None
         logps = logps.reshape(batch["prompt"].shape[0], 2, -1)
         chosen, rejected = logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]
     if "chosen_loss_mask" in batch:  # `dpo.mask_calculator`: tokens the policy does not choose left out
-        chosen = chosen * batch["chosen_loss_mask"].astype(chosen.dtype)
-        rejected = rejected * batch["rejected_loss_mask"].astype(rejected.dtype)
+        chosen = chosen * loss_mask(batch, "chosen").astype(chosen.dtype)
+        rejected = rejected * loss_mask(batch, "rejected").astype(rejected.dtype)
     return chosen, rejected
-
-
-def loss_mask(batch, side: str) -> jax.Array:
-    """The tokens of `side` whose log-probs the DPO sums count (`<side>_loss_mask` where present)."""
-    return batch.get(f"{side}_loss_mask", batch[f"{side}_mask"])
 
 
 def reference_logps(module, ref_params, batch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
