@@ -131,7 +131,7 @@ def _sampling_rules(prefix: str) -> dict[str, Rule]:
 def rules() -> dict[str, Rule]:
     """The table (built on call: the enumerations are imported from the modules that own them)."""
     from dpost.data import gsm8k, ood
-    from dpost.data.builders import PAIR_SELECTIONS, SIMILARITIES
+    from dpost.data.builders import PAIR_REJECTED, PAIR_SELECTIONS, SIMILARITIES
     from dpost.data.task import SOURCES as DATA_SOURCES
     from dpost.training.steps import DPO_REFERENCES
     from dpost.models.layers import ATTENTIONS, REMATS
@@ -184,6 +184,7 @@ def rules() -> dict[str, Rule]:
         "pairs.dedup_threshold": number(0, 1),
         "pairs.similarity": one_of(SIMILARITIES),
         "pairs.select": one_of(PAIR_SELECTIONS),
+        "pairs.rejected": one_of(PAIR_REJECTED),
         "pseudo_labels.similarity": one_of(SIMILARITIES),
         "pseudo_labels.dedup_threshold": number(0, 1),
         "pseudo_labels.cap_percentile": number(0, 100, low_open=True),

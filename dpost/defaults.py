@@ -148,9 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     # similarity: Jaccard over the model tokenizer's sub-word tokens (subword, the release) | words;
-    # select: keep the least_similar pairs per question (the release) | most_similar (an option)
+    # select: keep the least_similar pairs per question (the release) | most_similar (an option);
+    # rejected: the incorrect sample (the release) | wrong_step: the chosen side up to the sample's
+    # first wrong calculator step, then the sample from there (an option; builders.graft_at_wrong_step)
     c.pairs = ml_collections.ConfigDict(dict(max_per_question=3, dedup_threshold=0.7, similarity="subword",
-                                             select="least_similar"))
+                                             select="least_similar", rejected="sample"))
     c.pseudo_labels = ml_collections.ConfigDict(dict(dedup_threshold=0.7, cap_percentile=90, similarity="subword"))
 
     c.sampling = ml_collections.ConfigDict(

@@ -184,7 +184,7 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
                                  max_pairs_per_question=cfg.pairs.max_per_question,
                                  dedup_threshold=cfg.pairs.dedup_threshold,
                                  tokenize=similarity_tokens(cfg.pairs.similarity, tokenizer),
-                                 select=cfg.pairs.select)
+                                 select=cfg.pairs.select, rejected=cfg.pairs.rejected)
     harvested = {}
     for qid, samples in current_round.items():
         for s in samples:

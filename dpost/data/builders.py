@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from dpost import calculator
 from dpost.data import formatting
 from dpost.data.gsm8k import extract_answer, is_correct
 
@@ -36,6 +38,12 @@ SIMILARITIES = ("subword", "words")  # Jaccard tokens: the model tokenizer's sub
 # Which (correct, incorrect) pairs a question keeps: the least similar (the release) or the most
 # similar, whose two sides tend to share their wording and differ where the reasoning went wrong.
 PAIR_SELECTIONS = ("least_similar", "most_similar")
+# A pair's rejected side: the incorrect sample as sampled (the release), or the chosen side's text up
+# to the sample's first wrong step followed by the sample's own text from there (`graft_at_wrong_step`),
+# so that the two sides part where the reasoning went wrong rather than where the wording did.
+PAIR_REJECTED = ("sample", "wrong_step")
+# Where a step's sentence ends after its calculator annotation, per family (T5 targets are one line).
+_STEP_END = {"llama": "\n", "t5": ". "}
 
 
 @dataclasses.dataclass
@@ -117,17 +125,52 @@ def pass_rates(questions: Sequence[QuestionSamples]) -> dict:
             "pass_at_n": float(np.mean(correct > 0)), "questions_with_correct": int(np.sum(correct > 0))}
 
 
+def _steps(text: str, family: str) -> list[tuple[int, str]]:
+    """Per calculator annotation: where its step's sentence ends (offset just past it) and the result
+    the annotation states (the text after its last ``=``)."""
+    open_, close = calculator.markers(family)
+    sep = _STEP_END[family]
+    steps = []
+    for m in re.finditer(re.escape(open_) + "(.*?)" + re.escape(close), text):
+        end = text.find(sep, m.end())
+        steps.append((len(text) if end < 0 else end + len(sep), m.group(1).rpartition("=")[2].strip()))
+    return steps
+
+
+def _same_result(a: str, b: str) -> bool:
+    x, y = calculator.evaluate_number(a), calculator.evaluate_number(b)
+    return a == b if x is None or y is None else x == y
+
+
+def graft_at_wrong_step(chosen: str, rejected: str, family: str) -> str:
+    """``chosen`` through the last calculator step on which ``rejected`` agrees with it (same result at
+    the same step number), then ``rejected``'s own text after that step. The steps before the first
+    disagreement have the same results on both sides, so the graft is the rejected reasoning from its
+    first wrong step on, after the chosen side's wording of what went right. No agreeing first step:
+    ``rejected`` unchanged."""
+    c_steps, r_steps = _steps(chosen, family), _steps(rejected, family)
+    agree = 0
+    while agree < min(len(c_steps), len(r_steps)) and _same_result(c_steps[agree][1], r_steps[agree][1]):
+        agree += 1
+    if agree == 0:
+        return rejected
+    return chosen[: c_steps[agree - 1][0]] + rejected[r_steps[agree - 1][0]:]
+
+
 def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
                 max_pairs_per_question: int = MAX_PAIRS_PER_QUESTION,
                 dedup_threshold: float = DEDUP_THRESHOLD,
                 tokenize: Tokenize | None = None,
-                select: str = "least_similar") -> list[Pair]:
+                select: str = "least_similar", rejected: str = "sample") -> list[Pair]:
     """Preference pairs: per question, the ``max_pairs_per_question`` least similar (or, with
     ``select="most_similar"``, most similar) (correct, incorrect) pairs, the formatted gold
     rationale being the first positive. Ties keep (positive index, negative index) order either way.
-    Questions without an incorrect sample are skipped."""
+    Questions without an incorrect sample are skipped. ``rejected="wrong_step"``: each pair's
+    rejected side is `graft_at_wrong_step` of its two sides (similarities are the grafted side's)."""
     if select not in PAIR_SELECTIONS:
         raise ValueError(f"select must be one of {PAIR_SELECTIONS}, got {select!r}")
+    if rejected not in PAIR_REJECTED:
+        raise ValueError(f"rejected must be one of {PAIR_REJECTED}, got {rejected!r}")
     sign = 1.0 if select == "least_similar" else -1.0
     pairs: list[Pair] = []
     skipped = 0
@@ -141,12 +184,11 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
             skipped += 1
             continue
         neg = _drop_near_duplicates(sorted(set(neg)), dedup_threshold, tokenize)
-        pos_sets = [token_set(p, tokenize) for p in pos]
-        neg_sets = [token_set(n, tokenize) for n in neg]
-        scored = sorted((sign * jaccard(ps, ns), i, j)
-                        for i, ps in enumerate(pos_sets) for j, ns in enumerate(neg_sets))
-        pairs.extend(Pair(q.id, q.question, pos[i], neg[j])
-                     for _, i, j in scored[:max_pairs_per_question])
+        sides = {(i, j): (p, n if rejected == "sample" else graft_at_wrong_step(p, n, family))
+                 for i, p in enumerate(pos) for j, n in enumerate(neg)}
+        sets = {text: token_set(text, tokenize) for side in sides.values() for text in side}
+        scored = sorted((sign * jaccard(sets[c], sets[r]), i, j) for (i, j), (c, r) in sides.items())
+        pairs.extend(Pair(q.id, q.question, *sides[i, j]) for _, i, j in scored[:max_pairs_per_question])
     log.info("preference pairs: %d from %d questions (%d skipped: no incorrect or no correct side)",
              len(pairs), len(questions) - skipped, skipped)
     return pairs
