@@ -133,9 +133,10 @@ def rules() -> dict[str, Rule]:
     from dpost.data import gsm8k, ood
     from dpost.data.builders import PAIR_REJECTED, PAIR_SELECTIONS, SIMILARITIES
     from dpost.data.task import SOURCES as DATA_SOURCES
-    from dpost.training.steps import DPO_REFERENCES
     from dpost.models.layers import ATTENTIONS, REMATS
     from dpost.models.registry import FAMILIES
+    from dpost.stages import DPO_COUNTS
+    from dpost.training.steps import DPO_REFERENCES
     from dpost.training.losses import LOSS_TYPES
 
     return {
@@ -180,6 +181,7 @@ def rules() -> dict[str, Rule]:
         "dpo.reference": one_of(DPO_REFERENCES),
         "dpo.eval_pairs": integer(0),
         "dpo.mask_calculator": BOOLEAN,
+        "dpo.count": one_of(DPO_COUNTS),
         "pairs.max_per_question": integer(1),
         "pairs.dedup_threshold": number(0, 1),
         "pairs.similarity": one_of(SIMILARITIES),
@@ -222,6 +224,12 @@ def cross_field_rules() -> tuple[tuple[Callable[[Any], bool], str], ...]:
         (lambda c: c.dpo.mask_calculator and c.dpo.reference != "in_step",
          "config field 'dpo.mask_calculator' = True needs dpo.reference 'in_step' (the precomputed reference "
          "log-probs are sums over every token)"),
+        (lambda c: c.dpo.count == "through_wrong_step" and c.dpo.reference != "in_step",
+         "config field 'dpo.count' = 'through_wrong_step' needs dpo.reference 'in_step' (the precomputed "
+         "reference log-probs are sums over every token)"),
+        (lambda c: c.dpo.count == "through_wrong_step" and c.pairs.rejected != "wrong_step",
+         "config field 'dpo.count' = 'through_wrong_step' needs pairs.rejected 'wrong_step' (the pairs "
+         "then record where their first differing steps end)"),
     )
 
 

@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
             # results and closing markers), which the policy never chooses; not the release (False).
             # Needs reference=in_step.
             mask_calculator=False,
+            # which completion tokens the log-prob sums count: all (the release) | through_wrong_step:
+            # each side through its first step that differs from the other side's (as step-level DPO;
+            # needs pairs.rejected=wrong_step and reference=in_step)
+            count="all",
         )
     )
 

@@ -192,6 +192,8 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
     rows = []
     for p in pairs:
         row = {"id": p.id, "question": p.prompt_question, "chosen": p.chosen, "rejected": p.rejected}
+        if p.chosen_step_end is not None:
+            row.update(chosen_step_end=p.chosen_step_end, rejected_step_end=p.rejected_step_end)
         for side in ("chosen", "rejected"):
             hit = harvested.get((p.id, row[side]))
             row[f"{side}_ref"] = None if hit is None else hit["logprob"]
@@ -311,6 +313,9 @@ def _pair_arrays(items, pad_id, p_len, c_len) -> dict[str, np.ndarray]:
     return batching.pad_to_lengths(batch, p_len, c_len, pad_id)
 
 
+DPO_COUNTS = ("all", "through_wrong_step")  # `dpo.count`: which completion tokens DPO's sums count
+
+
 def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageDir, *, seed: int,
               layout: Layout = Layout()) -> tuple[ModelBundle, dict]:
     """DPO_k: init and reference = SFT_{k-1}. Reference log-probs come from the sampler for the
@@ -324,6 +329,8 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
     arrays = _pair_arrays(items, pad, p_len, c_len)
     if cfg.dpo.mask_calculator:
         arrays.update(_calculator_loss_masks(policy, items, arrays))
+    if cfg.dpo.count == "through_wrong_step":
+        arrays.update(_wrong_step_loss_masks(policy, rows, items, arrays))
     ref_c = np.array([np.nan if r[0] is None else r[0] for r in refs], np.float32)
     ref_r = np.array([np.nan if r[1] is None else r[1] for r in refs], np.float32)
     harvested = int((~np.isnan(ref_c)).sum() + (~np.isnan(ref_r)).sum())
@@ -380,6 +387,32 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
         flops=6.0 * n * tokens_per_step * steps + ref_flops,
         eval={k: float(v) for k, v in last_eval.items() if k != "step"},
     )
+
+
+def _wrong_step_loss_masks(bundle: ModelBundle, rows, items, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`dpo.count=through_wrong_step`: per side, the loss mask (the calculator's, where present) cut
+    after the tokens of the side's text through its first differing step (`builders.graft_at_wrong_step`);
+    a side whose ids do not start with that text's tokens (a sampler's own tokenization) counts whole."""
+    masks, whole = {}, 0
+    eos = pipeline.special_ids(bundle.tokenizer)[1]
+    for side in ("chosen", "rejected"):
+        keep = arrays.get(side + "_loss_mask", arrays[side + "_mask"]).copy()
+        for r, (row, item) in enumerate(zip(rows, items)):
+            end = row.get(side + "_step_end")
+            if end is None or end >= len(row[side]):
+                continue
+            through = pipeline.encode_completion(bundle.tokenizer, bundle.family,
+                                                 formatting.format_prompt(bundle.family, row["question"]),
+                                                 row[side][:end])
+            through = through[: len(through) - (eos is not None)]  # without its EOS
+            if list(item[side][: len(through)]) != through:
+                whole += 1
+                continue
+            keep[r, len(through):] = False
+        masks[side + "_loss_mask"] = keep
+    if whole:
+        log.info("dpo.count=through_wrong_step: %d pair sides counted whole (ids differ from the text's tokens)", whole)
+    return masks
 
 
 def _calculator_loss_masks(bundle: ModelBundle, items, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

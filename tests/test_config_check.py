@@ -56,6 +56,8 @@ ENUMERATED = [
     ("model.source", "safetensors:x", "hf:<location>, gguf:<location>, orbax:<location>, scratch, pretrain, ''"),
     ("eval.checkpoint", "scratch", "hf:<location>, gguf:<location>, orbax:<location>, ''"),
     ("pairs.similarity", "word", "'subword', 'words'"),
+    ("pairs.rejected", "graft", "'sample', 'wrong_step'"),
+    ("dpo.count", "through_step", "'all', 'through_wrong_step'"),
     ("sampling.labels.batching", "dynamic", "'continuous', 'static'"),
     ("pseudo_labels.similarity", "tokens", "'subword', 'words'"),
 ]
@@ -132,6 +134,14 @@ def test_cross_field_rules():
         "config field 'dpo.mask_calculator' = True needs dpo.reference 'in_step' (the precomputed reference "
         "log-probs are sums over every token)"]
     assert config_check.problems(with_field(masked, "dpo.reference", "in_step")) == []
+    stepwise = with_field(load_config(), "dpo.count", "through_wrong_step")
+    assert config_check.problems(stepwise) == [
+        "config field 'dpo.count' = 'through_wrong_step' needs dpo.reference 'in_step' (the precomputed "
+        "reference log-probs are sums over every token)",
+        "config field 'dpo.count' = 'through_wrong_step' needs pairs.rejected 'wrong_step' (the pairs "
+        "then record where their first differing steps end)"]
+    stepwise = with_field(with_field(stepwise, "dpo.reference", "in_step"), "pairs.rejected", "wrong_step")
+    assert config_check.problems(stepwise) == []
 
 
 def test_missing_field_named():

@@ -35,3 +35,38 @@ def test_dpo_eval_batches_are_the_first_pairs_with_an_invalid_filler():
 def test_a_stage_has_one_shape_from_its_longest_rows():
     items = [{"prompt": [1] * 3, "chosen": [1] * 20, "rejected": [1] * 5}, {"prompt": [1] * 17, "chosen": [1], "rejected": [1]}]
     assert stages._stage_lengths(items, ["chosen", "rejected"], max_p=256, max_c=24) == (32, 24)
+
+
+def test_dpo_counts_each_side_through_its_first_wrong_step(tmp_path):
+    """`dpo.count=through_wrong_step`, on the CPU default's kind of tokenizer: each side's loss mask
+    keeps exactly the tokens of its text through its first step that differs from the other side's
+    (decoded, they are that text); a side whose sampler ids are not its text's tokens counts whole."""
+    from dpost.data import formatting, synthetic
+    from dpost.data.builders import QuestionSamples
+    from dpost.models.bundle import ModelBundle
+
+    question = "Eli has 12 apples. He gets 5 more, then 3 times as many. How many?"
+    gold = "Eli has 5+12=<<5+12=17>>17 apples.\nWith 3 times as many, 17*3=<<17*3=51>>51.\n#### 51"
+    wrong = "At first 12.\nAfter 5 more, 12+5=<<12+5=17>>17.\nAfter 4 more, 17+4=<<17+4=21>>21.\n#### 21"
+    tok = synthetic.train_tokenizer([formatting.format_prompt("llama", question), gold, wrong], tmp_path, 300)
+    bundle = ModelBundle("llama", None, None, tok, None)
+    (pair,) = build_pairs([QuestionSamples("q1", question, gold, 51.0, [wrong])], "llama", rejected="wrong_step")
+    # Step 1 agrees (17), step 2 does not (51 against 21): the graft is gold's first line, then wrong's rest.
+    through = {"chosen": "Eli has 5+12=<<5+12=17>>17 apples.\nWith 3 times as many, 17*3=<<17*3=51>>51.\n",
+               "rejected": "Eli has 5+12=<<5+12=17>>17 apples.\nAfter 4 more, 17+4=<<17+4=21>>21.\n"}
+    assert pair.rejected == through["rejected"] + "#### 21"
+    row = {"id": "q1", "question": question, "chosen": pair.chosen, "rejected": pair.rejected,
+           "chosen_step_end": pair.chosen_step_end, "rejected_step_end": pair.rejected_step_end}
+    char_ids = [tok.convert_tokens_to_ids(c) for c in "Eli"] + [tok.eos_token_id]  # not the text's tokens
+    rows = [row, dict(row, chosen_ids=char_ids)]
+    items, _, kept = stages._pair_items(bundle, rows, 256, 256)
+    p_len, c_len = stages._stage_lengths(items, ["chosen", "rejected"], 256, 256)
+    arrays = stages._pair_arrays(items, bundle.pad_token_id, p_len, c_len)
+    masks = {k: v.astype(bool) for k, v in stages._wrong_step_loss_masks(bundle, kept, items, arrays).items()}
+    arrays = {k: v.astype(bool) if k.endswith("_mask") else v for k, v in arrays.items()}
+    for side in ("chosen", "rejected"):
+        counted = arrays[side][0][masks[side + "_loss_mask"][0]]
+        assert tok.decode(counted.tolist()) == through[side]
+        assert masks[side + "_loss_mask"][0].sum() < arrays[side + "_mask"][0].sum()
+    assert (masks["chosen_loss_mask"][1] == arrays["chosen_mask"][1]).all()  # counted whole
+    assert tok.decode(arrays["rejected"][1][masks["rejected_loss_mask"][1]].tolist()) == through["rejected"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -63,6 +63,10 @@ class Pair:
     prompt_question: str  # the raw question; format with formatting.format_prompt
     chosen: str
     rejected: str
+    # `rejected="wrong_step"`: where each side's first step that differs from the other's ends
+    # (a character offset; what `dpo.count=through_wrong_step` counts)
+    chosen_step_end: int | None = None
+    rejected_step_end: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,19 +146,33 @@ def _same_result(a: str, b: str) -> bool:
     return a == b if x is None or y is None else x == y
 
 
-def graft_at_wrong_step(chosen: str, rejected: str, family: str) -> str:
+class Graft(NamedTuple):
+    rejected: str
+    chosen_step_end: int  # where the chosen side's first step after the shared ones ends
+    rejected_step_end: int  # where the grafted side's first wrong step ends
+
+
+def graft_at_wrong_step(chosen: str, rejected: str, family: str) -> Graft:
     """``chosen`` through the last calculator step on which ``rejected`` agrees with it (same result at
     the same step number), then ``rejected``'s own text after that step. The steps before the first
     disagreement have the same results on both sides, so the graft is the rejected reasoning from its
     first wrong step on, after the chosen side's wording of what went right. No agreeing first step:
-    ``rejected`` unchanged."""
+    ``rejected`` unchanged. A side without a step after the shared ones ends at its end."""
     c_steps, r_steps = _steps(chosen, family), _steps(rejected, family)
     agree = 0
     while agree < min(len(c_steps), len(r_steps)) and _same_result(c_steps[agree][1], r_steps[agree][1]):
         agree += 1
-    if agree == 0:
-        return rejected
-    return chosen[: c_steps[agree - 1][0]] + rejected[r_steps[agree - 1][0]:]
+    c_cut, r_cut = (c_steps[agree - 1][0], r_steps[agree - 1][0]) if agree else (0, 0)
+    grafted = chosen[:c_cut] + rejected[r_cut:]
+    c_end = c_steps[agree][0] if agree < len(c_steps) else len(chosen)
+    r_end = c_cut + r_steps[agree][0] - r_cut if agree < len(r_steps) else len(grafted)
+    return Graft(grafted, c_end, r_end)
+
+
+def _pair(q: QuestionSamples, chosen: str, rejected: str, family: str, how: str) -> Pair:
+    if how == "sample":
+        return Pair(q.id, q.question, chosen, rejected)
+    return Pair(q.id, q.question, chosen, *graft_at_wrong_step(chosen, rejected, family))
 
 
 def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
@@ -166,7 +184,8 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
     ``select="most_similar"``, most similar) (correct, incorrect) pairs, the formatted gold
     rationale being the first positive. Ties keep (positive index, negative index) order either way.
     Questions without an incorrect sample are skipped. ``rejected="wrong_step"``: each pair's
-    rejected side is `graft_at_wrong_step` of its two sides (similarities are the grafted side's)."""
+    rejected side is `graft_at_wrong_step` of its two sides (similarities are the grafted side's), and
+    the pair records where each side's first differing step ends."""
     if select not in PAIR_SELECTIONS:
         raise ValueError(f"select must be one of {PAIR_SELECTIONS}, got {select!r}")
     if rejected not in PAIR_REJECTED:
@@ -184,11 +203,10 @@ def build_pairs(questions: Sequence[QuestionSamples], family: str, *,
             skipped += 1
             continue
         neg = _drop_near_duplicates(sorted(set(neg)), dedup_threshold, tokenize)
-        sides = {(i, j): (p, n if rejected == "sample" else graft_at_wrong_step(p, n, family))
-                 for i, p in enumerate(pos) for j, n in enumerate(neg)}
-        sets = {text: token_set(text, tokenize) for side in sides.values() for text in side}
-        scored = sorted((sign * jaccard(sets[c], sets[r]), i, j) for (i, j), (c, r) in sides.items())
-        pairs.extend(Pair(q.id, q.question, *sides[i, j]) for _, i, j in scored[:max_pairs_per_question])
+        candidates = {(i, j): _pair(q, p, n, family, rejected) for i, p in enumerate(pos) for j, n in enumerate(neg)}
+        sets = {text: token_set(text, tokenize) for c in candidates.values() for text in (c.chosen, c.rejected)}
+        scored = sorted((sign * jaccard(sets[c.chosen], sets[c.rejected]), i, j) for (i, j), c in candidates.items())
+        pairs.extend(candidates[i, j] for _, i, j in scored[:max_pairs_per_question])
     log.info("preference pairs: %d from %d questions (%d skipped: no incorrect or no correct side)",
              len(pairs), len(questions) - skipped, skipped)
     return pairs

@@ -156,3 +156,56 @@ def test_small_real_sample():
         assert {l.id for l in labels} == {r.id for r in rows}
         if family == "llama":  # the raw gold sample is an exact duplicate of the gold: one label each
             assert len(labels) == len(rows)
+
+
+# -- pairs.rejected=wrong_step: the rejected side grafted at the sample's first wrong step ----------
+
+def graft(chosen, rejected, family="llama"):
+    """(grafted rejected side, chosen side through its first differing step, grafted side through its own)."""
+    g = builders.graft_at_wrong_step(chosen, rejected, family)
+    return g.rejected, chosen[: g.chosen_step_end], g.rejected[: g.rejected_step_end]
+
+
+def test_graft_at_wrong_step_llama():
+    chosen = "a is 1+1=<<1+1=2>>2.\nb is 2*3=<<2*3=6>>6.\n#### 6"
+    # Agrees on step 1 (same result, other wording), goes wrong at step 2.
+    wrong = "x was 1+1=<<1+1=2>>2 now.\ny is 2*2=<<2*2=4>>4.\n#### 4"
+    assert graft(chosen, wrong) == ("a is 1+1=<<1+1=2>>2.\ny is 2*2=<<2*2=4>>4.\n#### 4",
+                                    "a is 1+1=<<1+1=2>>2.\nb is 2*3=<<2*3=6>>6.\n",
+                                    "a is 1+1=<<1+1=2>>2.\ny is 2*2=<<2*2=4>>4.\n")
+    # Wrong from the first step: nothing to graft onto; each side counts through its first step.
+    first = "z is 1+2=<<1+2=3>>3.\n#### 3"
+    assert graft(chosen, first) == (first, "a is 1+1=<<1+1=2>>2.\n", "z is 1+2=<<1+2=3>>3.\n")
+    # Every step agrees (a commuted expression, 6.0 for 6), the answer line does not: both count whole.
+    late = "1+1=<<1+1=2>>2\n3*2=<<3*2=6.0>>6.0\nSo 7.\n#### 7"
+    grafted = "a is 1+1=<<1+1=2>>2.\nb is 2*3=<<2*3=6>>6.\nSo 7.\n#### 7"
+    assert graft(chosen, late) == (grafted, chosen, grafted)
+    # Stops after one agreeing step: the chosen side counts through its second step, the graft whole.
+    short = "1+1=<<1+1=2>>2\n#### 2"
+    assert graft(chosen, short) == ("a is 1+1=<<1+1=2>>2.\n#### 2", "a is 1+1=<<1+1=2>>2.\nb is 2*3=<<2*3=6>>6.\n",
+                                    "a is 1+1=<<1+1=2>>2.\n#### 2")
+
+
+def test_graft_at_wrong_step_t5():
+    chosen = formatting.t5_rationale("a is 10+1=<<10+1=11>>11\nb is 11*3=<<11*3=33>>33\n#### 33")
+    wrong = formatting.t5_rationale("x was 10+1=<<10+1=11>>11 now\ny is 11*2=<<11*2=22>>22\n#### 22")
+    assert graft(chosen, wrong, "t5") == (
+        "a is 10 + 1 = [ 10 + 1 = 11] 11. y is 11 * 2 = [ 11 * 2 = 22] 22. #### 22",
+        "a is 10 + 1 = [ 10 + 1 = 11] 11. b is 11 * 3 = [ 11 * 3 = 33] 33. ",
+        "a is 10 + 1 = [ 10 + 1 = 11] 11. y is 11 * 2 = [ 11 * 2 = 22] 22. ")
+
+
+def test_wrong_step_pairs():
+    gold = "a is 1+1=<<1+1=2>>2.\nb is 2*3=<<2*3=6>>6.\n#### 6"
+    n1 = "x was 1+1=<<1+1=2>>2 now.\ny is 2*2=<<2*2=4>>4.\n#### 4"
+    n2 = "z is 1+2=<<1+2=3>>3.\n#### 3"
+    pairs = build_pairs([q([n1, n2], gold_rationale=gold, gold=6.0)], "llama", rejected="wrong_step")
+    grafted = "a is 1+1=<<1+1=2>>2.\ny is 2*2=<<2*2=4>>4.\n#### 4"
+    # Jaccard over words with gold: n1 2/14, n2 2/10 (no step shared: unchanged), n1's graft 4/10.
+    assert [(p.chosen, p.rejected) for p in pairs] == [(gold, n2), (gold, grafted)]
+    assert [(p.chosen[: p.chosen_step_end], p.rejected[: p.rejected_step_end]) for p in pairs] == [
+        ("a is 1+1=<<1+1=2>>2.\n", n2[:-6]), (gold[:-6], grafted[:-6])]  # without "#### N"
+    assert build_pairs([q([n1, n2], gold_rationale=gold, gold=6.0)], "llama") == \
+        [Pair("q1", "Q?", gold, n1), Pair("q1", "Q?", gold, n2)]
+    with pytest.raises(ValueError, match="rejected must be one of"):
+        build_pairs([q([n1])], "llama", rejected="graft")
