@@ -129,12 +129,14 @@ def test_cross_field_rules():
     assert config_check.problems(with_field(evaluation, "eval.checkpoint", "orbax:/ckpt")) == []
     assert config_check.problems(with_field(load_config(), "model.family", "")) == [
         "config field 'model.family' is empty; model.source 'scratch' or 'pretrain' needs a family"]
-    masked = with_field(load_config(), "dpo.mask_calculator", True)
+    release = with_field(with_field(with_field(load_config(), "dpo.reference", "precomputed"), "dpo.count", "all"),
+                         "pairs.rejected", "sample")
+    masked = with_field(release, "dpo.mask_calculator", True)
     assert config_check.problems(masked) == [
         "config field 'dpo.mask_calculator' = True needs dpo.reference 'in_step' (the precomputed reference "
         "log-probs are sums over every token)"]
     assert config_check.problems(with_field(masked, "dpo.reference", "in_step")) == []
-    stepwise = with_field(load_config(), "dpo.count", "through_wrong_step")
+    stepwise = with_field(release, "dpo.count", "through_wrong_step")
     assert config_check.problems(stepwise) == [
         "config field 'dpo.count' = 'through_wrong_step' needs dpo.reference 'in_step' (the precomputed "
         "reference log-probs are sums over every token)",

@@ -239,12 +239,13 @@ def test_prompts_per_sampler_call_follow_the_driver():
 # -- refusal -----------------------------------------------------------------------------------------
 
 def test_over_budget_plan_is_refused_naming_stage_and_largest_term():
-    p = memory.plan(load_config("arith_tiny"), {"data": 1}, 200 * 1024**2)
+    config = load_config("arith_tiny")
+    p = memory.plan(config, {"data": 1}, 200 * 1024**2)
     with pytest.raises(ValueError) as err:
         memory.check_fits(p)
     msg = str(err.value)
     worst = max(p.over_budget(), key=lambda r: r.total)
-    assert worst.stage == "dpo (ref precomputed)"  # the run's DPO stage: twice the SFT sequences
+    assert worst.stage == f"dpo (ref {config.dpo.reference})"  # the run's DPO stage: twice the SFT sequences
     assert f"stage '{worst.stage}'" in msg
     assert "largest term: activations" in msg
     assert fmt(worst.total) in msg and "200.0 MiB" in msg
