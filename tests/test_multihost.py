@@ -41,6 +41,9 @@ SETTINGS = {
     "data.synthetic.n_train": N_TRAIN, "sampling.pairs.shard_questions": 4, "sampling.labels.shard_questions": 4,
     # the warm-up keeps TINY's 6 steps (2 epochs of 3 batches); fewer eval questions
     "sft.batch_size": 8, "data.synthetic.n_dev": 8, "data.synthetic.n_test": 8,
+    # The release's DPO (precomputed reference): arith_tiny's in-step reference on this 4-device CPU
+    # mesh hung in XLA:CPU's collective rendezvous (devices waiting in different collectives)
+    "dpo.reference": "precomputed", "dpo.count": "all", "pairs.rejected": "sample",
 }
 RUN = [a for a in TINY if a.split("=")[0].removeprefix("--config.") not in SETTINGS] + [
     f"--config.{k}={v}" for k, v in SETTINGS.items()]
