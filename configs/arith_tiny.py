@@ -34,7 +34,8 @@ points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: 
   written before the runs (pass@3 of DPO_1's label samples >= 2 points above the previous config's,
   in 2 of 3 seeds): 39.6% against 36.9%; of five candidates, the grafted pairs alone gave +0.3, with
   step-only counting +0.9, at lr 5e-5 without the NLL term -2.5 and at 2e-4 -18.9 (the chosen
-  step's likelihood fell with the rejected one's).
+  step's likelihood fell with the rejected one's). Fourth final (seeds 18-22, test, this config):
+  DPO-ST - ST +0.6 points, 95% CI [-2.4, +3.6]: no difference (README).
 All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
 moved ST's final from 82% to 94% and 49.5% (README): these results hold for that M0.
 `model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
