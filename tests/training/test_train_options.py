@@ -221,8 +221,9 @@ def test_config_check_accepts_every_remat_policy_and_the_booleans(value):
 
 def test_new_fields_at_their_defaults_keep_existing_runs_hashes_and_resume(tmp_path):
     """A config recorded before the fields existed has the same hash, and its workdir resumes."""
-    # has every added field, data.synthetic.n_test_extra included; remat at its default (arith_tiny sets full)
-    config = load_config("arith_tiny", **{"model.remat": False})
+    # has every added field, data.synthetic.n_test_extra included; remat and the step-level DPO
+    # options at their defaults (arith_tiny sets them)
+    config = load_config("arith_tiny", **{"model.remat": False, "pairs.rejected": "sample", "dpo.count": "all"})
     flat = workdir.flatten_config(config)
     before = {k: v for k, v in flat.items() if k not in workdir.ADDED_FIELDS}
     assert set(workdir.ADDED_FIELDS) <= set(flat)
