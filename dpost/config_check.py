@@ -136,8 +136,8 @@ def rules() -> dict[str, Rule]:
     from dpost.models.layers import ATTENTIONS, REMATS
     from dpost.models.registry import FAMILIES
     from dpost.stages import DPO_COUNTS
-    from dpost.training.steps import DPO_REFERENCES
     from dpost.training.losses import LOSS_TYPES
+    from dpost.training.steps import DPO_REFERENCES
 
     return {
         "method": one_of(METHODS),
