@@ -142,8 +142,9 @@ def _steps(text: str, family: str) -> list[tuple[int, str]]:
 
 
 def _same_result(a: str, b: str) -> bool:
+    """Two stated results agree: numbers by the answers' rule (`is_correct`), anything else as text."""
     x, y = calculator.evaluate_number(a), calculator.evaluate_number(b)
-    return a == b if x is None or y is None else x == y
+    return a == b if x is None or y is None else is_correct(x, y)
 
 
 class Graft(NamedTuple):

@@ -150,7 +150,7 @@ def pair_token_logprobs(module, params, batch, shared_prefix: bool | None = None
         logps = completion_token_logprobs(module, params, prompt, prompt_mask, completion, completion_mask, chunk)
         logps = logps.reshape(batch["prompt"].shape[0], 2, -1)
         chosen, rejected = logps[:, 0, : batch["chosen"].shape[1]], logps[:, 1, : batch["rejected"].shape[1]]
-    if "chosen_loss_mask" in batch:  # `dpo.mask_calculator`: tokens the policy does not choose left out
+    if "chosen_loss_mask" in batch:  # `dpo.mask_calculator`, `dpo.count`: tokens the sums leave out
         chosen = chosen * loss_mask(batch, "chosen").astype(chosen.dtype)
         rejected = rejected * loss_mask(batch, "rejected").astype(rejected.dtype)
     return chosen, rejected
