@@ -152,7 +152,8 @@ def _mean(values) -> float | None:
 
 
 # (diagnostics field, words, scale, unit) compared between dpo_st and st
-_MECHANISM_FIELDS = (("pass_at_n", "pass@n", 100, " points"), ("beyond_gold", "pseudo-labels beyond gold", 1, ""))
+_MECHANISM_FIELDS = (("pass_at_n", "pass@n", 100, " points"), ("correct_samples", "correct samples (pooled)", 1, ""),
+                     ("beyond_gold", "pseudo-labels beyond gold", 1, ""))
 
 
 def mechanism(runs: dict[str, list[dict]]) -> list[str]:

@@ -17,6 +17,9 @@ from dpost.workdir import write_json_atomic, write_text_atomic
 # pairs or pseudo-labels that made its training data; evaluation not counted) and how it scored.
 
 SAMPLED_FIELDS = ("num_samples", "questions", "pass_at_1", "pass_at_n", "questions_with_correct")
+# What SFT_k's entry keeps of its pseudo-label manifest: the labels, and how the pooled correct samples
+# thinned out into them (correct -> distinct -> not near-duplicates -> under the cap = beyond gold).
+LABEL_FIELDS = ("pseudo_labels", "beyond_gold", "correct_samples", "distinct_samples", "after_dedup", "cap")
 
 
 def model_name(stage: str, iteration: int) -> str:
@@ -45,7 +48,7 @@ def sft_entry(iteration: int, trained: dict, evaluation: dict, *, samples: dict 
     if samples is not None:
         entry["sampled"] = sampled(samples, sampled_by)
     if labels is not None:
-        entry.update(pseudo_labels=labels["pseudo_labels"], beyond_gold=labels["beyond_gold"])
+        entry.update({k: labels[k] for k in LABEL_FIELDS if k in labels})
     return entry
 
 
@@ -111,8 +114,11 @@ def markdown_report(results: dict) -> str:
 DIAGNOSTICS_NOTE = (
     "Each row is a stage trained on samples: who sampled them (`samples from`, n per training question), "
     "pass@1 (mean fraction of correct samples per question) and pass@n (questions with at least one "
-    "correct sample) on the training questions, the pairs or pseudo-labels built from them (beyond gold: "
-    "pseudo-labels besides the gold rationales), and DPO's reward accuracy and margin on its eval pairs. "
+    "correct sample) on the training questions, the pairs or pseudo-labels built from them, and DPO's "
+    "reward accuracy and margin on its eval pairs. Pseudo-labels pool the samples of this and earlier "
+    "rounds; their correct samples thin out into labels: distinct texts, then those left after "
+    "near-duplicate removal (Jaccard > 0.7 with the gold or a kept one), then those under the "
+    "per-question cap (beyond gold: the pseudo-labels besides the gold rationales). "
     "DPO-ST works if DPO_k's samples beat SFT_{k-1}'s: higher pass@n and more "
     "pseudo-labels beyond gold than ST's at the same iteration. Blank: not recorded (older run) or not "
     "applicable.")
@@ -130,7 +136,9 @@ def _percent(x) -> str:
 _DIAGNOSTIC_COLUMNS = (
     ("samples from", "sampled_by", str), ("n", "num_samples", _count), ("pass@1 %", "pass_at_1", _percent),
     ("pass@n %", "pass_at_n", _percent), ("questions with a correct sample", "questions_with_correct", _count),
-    ("pairs", "pairs", _count), ("pseudo-labels", "pseudo_labels", _count), ("beyond gold", "beyond_gold", _count),
+    ("pairs", "pairs", _count), ("correct samples", "correct_samples", _count),
+    ("distinct", "distinct_samples", _count), ("after de-dup", "after_dedup", _count), ("cap", "cap", _count),
+    ("pseudo-labels", "pseudo_labels", _count), ("beyond gold", "beyond_gold", _count),
     ("DPO reward acc %", "reward_accuracy", _percent), ("DPO reward margin", "reward_margin", "{:.3f}".format),
 )
 NUMERIC_DIAGNOSTICS = tuple(key for _, key, _ in _DIAGNOSTIC_COLUMNS if key != "sampled_by")
@@ -148,7 +156,7 @@ def diagnostics_rows(results: dict) -> list[dict]:
             "num_samples": sampled.get("num_samples"), "questions": sampled.get("questions"),
             "pass_at_1": sampled.get("pass_at_1"), "pass_at_n": sampled.get("pass_at_n"),
             "questions_with_correct": sampled.get("questions_with_correct"), "pairs": st.get("pairs"),
-            "pseudo_labels": st.get("pseudo_labels"), "beyond_gold": st.get("beyond_gold"),
+            **{key: st.get(key) for key in LABEL_FIELDS},
             "reward_accuracy": dpo_eval.get("rewards/accuracies"), "reward_margin": dpo_eval.get("rewards/margins"),
         })
     return rows

@@ -207,16 +207,16 @@ def pairs_stage(examples, rounds, current_round: dict[str, list[dict]], family: 
 
 def labels_stage(examples, rounds, family: str, cfg, stage: StageDir, tokenizer) -> tuple[list[dict], dict]:
     """Builds pseudo-labels; returns their rows (`read_labels`) and the manifest fields."""
-    labels = builders.build_pseudo_labels(question_samples(examples, rounds), family,
-                                          dedup_threshold=cfg.pseudo_labels.dedup_threshold,
-                                          cap_percentile=cfg.pseudo_labels.cap_percentile,
-                                          tokenize=similarity_tokens(cfg.pseudo_labels.similarity, tokenizer))
-    rows = [dataclasses.asdict(l) for l in labels]
+    built = builders.build_pseudo_labels(question_samples(examples, rounds), family,
+                                         dedup_threshold=cfg.pseudo_labels.dedup_threshold,
+                                         cap_percentile=cfg.pseudo_labels.cap_percentile,
+                                         tokenize=similarity_tokens(cfg.pseudo_labels.similarity, tokenizer))
+    rows = [dataclasses.asdict(l) for l in built.labels]
     if jax.process_index() == 0:
         write_jsonl_atomic(stage.path / LABELS_FILE, rows)
-    questions = {l.id for l in labels}
-    gold = sum(1 for ex in examples if ex.answer and ex.id in questions)  # each labeled question keeps its gold
-    return rows, dict(pseudo_labels=len(labels), questions=len(questions), beyond_gold=len(labels) - gold)
+    return rows, dict(pseudo_labels=len(built.labels), questions=len({l.id for l in built.labels}),
+                      beyond_gold=built.beyond_gold, correct_samples=built.correct,
+                      distinct_samples=built.distinct, after_dedup=built.after_dedup, cap=built.cap)
 
 
 def read_pairs(stage: StageDir) -> list[dict]:

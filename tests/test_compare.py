@@ -43,10 +43,12 @@ def stages_of(method: str, i: int) -> list[dict]:
         out.append(entry(1, "dpo", 0.3, pairs=[80, 90, 100][i], sampled=sampled("sft_0", 5, 0.3, 0.6, 60),
                          dpo_eval={"rewards/accuracies": [0.7, 0.8, 0.9][i], "rewards/margins": [0.1, 0.2, 0.3][i]}))
         out.append(entry(1, "sft", 0.3, pseudo_labels=[115, 125, 150][i], beyond_gold=[15, 25, 50][i],
+                         correct_samples=[40, 45, 50][i],
                          sampled=sampled("dpo_1", 3, [0.45, 0.5, 0.55][i], [0.7, 0.8, 0.6][i], [70, 80, 60][i])))
         out.append(entry(2, "dpo", 0.3, pairs=100))
     else:
         out.append(entry(1, "sft", 0.3, pseudo_labels=[110, 120, 130][i], beyond_gold=[10, 20, 30][i],
+                         correct_samples=[30, 50, 35][i],
                          sampled=sampled("sft_0", 3, [0.3, 0.4, 0.5][i], [0.5, 0.6, 0.7][i], [50, 60, 70][i])))
     out.append(entry(2, "sft", final_acc, pseudo_labels=140))
     return out
@@ -121,16 +123,17 @@ def test_diagnostics_mean_over_seeds_and_mechanism(compared):
     _, _, text, doc = compared
     table = text[text.index("| method | iteration | trains |"):].splitlines()
     assert table[2:8] == [
-        "| st | 1 | sft_1 | sft_0 | 3 | 40.0 | 60.0 | 60 |  | 120 | 20 |  |  |",
-        "| st | 2 | sft_2 |  |  |  |  |  |  | 140 |  |  |  |",
-        "| dpo_st | 1 | dpo_1 | sft_0 | 5 | 30.0 | 60.0 | 60 | 90 |  |  | 80.0 | 0.200 |",
-        "| dpo_st | 1 | sft_1 | dpo_1 | 3 | 50.0 | 70.0 | 70 |  | 130 | 30 |  |  |",
-        "| dpo_st | 2 | dpo_2 |  |  |  |  |  | 100 |  |  |  |  |",
-        "| dpo_st | 2 | sft_2 |  |  |  |  |  |  | 140 |  |  |  |",
+        "| st | 1 | sft_1 | sft_0 | 3 | 40.0 | 60.0 | 60 |  | 38.3 |  |  |  | 120 | 20 |  |  |",
+        "| st | 2 | sft_2 |  |  |  |  |  |  |  |  |  |  | 140 |  |  |  |",
+        "| dpo_st | 1 | dpo_1 | sft_0 | 5 | 30.0 | 60.0 | 60 | 90 |  |  |  |  |  |  | 80.0 | 0.200 |",
+        "| dpo_st | 1 | sft_1 | dpo_1 | 3 | 50.0 | 70.0 | 70 |  | 45 |  |  |  | 130 | 30 |  |  |",
+        "| dpo_st | 2 | dpo_2 |  |  |  |  |  | 100 |  |  |  |  |  |  |  |  |",
+        "| dpo_st | 2 | sft_2 |  |  |  |  |  |  |  |  |  |  | 140 |  |  |  |",
     ]
-    # pass@n dpo_st - st per seed: +20, +20, -10 points; beyond gold: +5, +5, +20
+    # pass@n dpo_st - st per seed: +20, +20, -10 points; correct samples +10, -5, +15; beyond gold +5, +5, +20
     assert doc["mechanism"] == [
         "- iteration 1, dpo_st minus st: pass@n +10.0 points (higher in 2 of 3 seeds), "
+        "correct samples (pooled) +6.7 (higher in 2 of 3 seeds), "
         "pseudo-labels beyond gold +10.0 (higher in 3 of 3 seeds)",
         "- iteration 2, dpo_st minus st: not recorded in results.json (older runs)",
     ]

@@ -116,6 +116,11 @@ def test_diagnostics_in_results(reference_run):
         s = entry["sampled"]
         assert 0 <= s["pass_at_1"] <= s["pass_at_n"] <= 1 and s["questions_with_correct"] == round(48 * s["pass_at_n"])
     assert sft1["beyond_gold"] == sft1["pseudo_labels"] - 48
+    # Iteration 1 pools one round (DPO_1's samples): its correct samples are pass@1 x n x questions.
+    s = sft1["sampled"]
+    assert sft1["correct_samples"] == round(s["pass_at_1"] * s["num_samples"] * s["questions"])
+    assert sft1["correct_samples"] >= sft1["distinct_samples"] >= sft1["after_dedup"] >= sft1["beyond_gold"]
+    assert sft1["cap"] >= 1
     assert {"rewards/accuracies", "rewards/margins"} <= set(dpo["dpo_eval"])
     pretrain = load_results(reference_run)["pretrain"]
     assert pretrain["steps"] == 30 and pretrain["flops"] > 0

@@ -19,7 +19,8 @@ def dpo_st_results() -> dict:
               sampled={"model": "sft_0", "num_samples": 5, "questions": 1000, "pass_at_1": 0.43, "pass_at_n": 0.71,
                        "questions_with_correct": 710},
               dpo_eval={"rewards/accuracies": 0.875, "rewards/margins": 0.3, "loss": 0.5}),
-        stage(1, "sft", "sft_1", 0.45, pseudo_labels=1234, beyond_gold=234,
+        stage(1, "sft", "sft_1", 0.45, pseudo_labels=1234, beyond_gold=234, correct_samples=1500, distinct_samples=1300,
+              after_dedup=600, cap=3,
               sampled={"model": "dpo_1", "num_samples": 3, "questions": 1000, "pass_at_1": 0.5, "pass_at_n": 0.755,
                        "questions_with_correct": 755}),
     ]
@@ -28,15 +29,16 @@ def dpo_st_results() -> dict:
 
 
 HEADER = ("| iteration | trains | samples from | n | pass@1 % | pass@n % | questions with a correct sample | pairs "
-          "| pseudo-labels | beyond gold | DPO reward acc % | DPO reward margin |")
+          "| correct samples | distinct | after de-dup | cap | pseudo-labels | beyond gold | DPO reward acc % "
+          "| DPO reward margin |")
 
 
 def test_report_shows_sampling_diagnostics_per_iteration():
     text = reports.markdown_report(dpo_st_results())
     assert "## Sampling diagnostics per iteration" in text
     table = text[text.index(HEADER):].splitlines()
-    assert table[2] == "| 1 | dpo_1 | sft_0 | 5 | 43.0 | 71.0 | 710 | 812 |  |  | 87.5 | 0.300 |"
-    assert table[3] == "| 1 | sft_1 | dpo_1 | 3 | 50.0 | 75.5 | 755 |  | 1234 | 234 |  |  |"
+    assert table[2] == "| 1 | dpo_1 | sft_0 | 5 | 43.0 | 71.0 | 710 | 812 |  |  |  |  |  |  | 87.5 | 0.300 |"
+    assert table[3] == "| 1 | sft_1 | dpo_1 | 3 | 50.0 | 75.5 | 755 |  | 1500 | 1300 | 600 | 3 | 1234 | 234 |  |  |"
     assert len(table) == 4  # the warm-up trains on gold rationales only: no row
     assert "Final model: `sft_1`: test 45.0% (n=100)" in text
 
@@ -44,11 +46,11 @@ def test_report_shows_sampling_diagnostics_per_iteration():
 def test_report_of_older_results_leaves_missing_diagnostics_blank():
     results = dpo_st_results()
     for st in results["stages"]:
-        for key in ("sampled", "beyond_gold", "dpo_eval"):
+        for key in ("sampled", "beyond_gold", "correct_samples", "distinct_samples", "after_dedup", "cap", "dpo_eval"):
             st.pop(key, None)
     table = reports.markdown_report(results).split(HEADER)[1].splitlines()
-    assert table[2] == "| 1 | dpo_1 |  |  |  |  |  | 812 |  |  |  |  |"
-    assert table[3] == "| 1 | sft_1 |  |  |  |  |  |  | 1234 |  |  |  |"
+    assert table[2] == "| 1 | dpo_1 |  |  |  |  |  | 812 |  |  |  |  |  |  |  |  |"
+    assert table[3] == "| 1 | sft_1 |  |  |  |  |  |  |  |  |  |  | 1234 |  |  |  |"
 
 
 def test_report_of_warm_up_only_has_no_diagnostics():
@@ -88,8 +90,16 @@ def test_sft_entries_of_the_warm_up_and_of_an_iteration():
     trained, evaluation = {"seconds": 2.0004, "flops": 5.0}, {"test": {"accuracy": 0.5, "n": 2}}
     assert reports.sft_entry(0, trained, evaluation) == {
         "iteration": 0, "stage": "sft", "model": "sft_0", "seconds": 2.0, "flops": 5.0, "eval": evaluation}
-    labels = {"seconds": 1.0, "pseudo_labels": 9, "questions": 2, "beyond_gold": 7}
+    labels = {"seconds": 1.0, "pseudo_labels": 9, "questions": 2, "beyond_gold": 7, "correct_samples": 12,
+              "distinct_samples": 10, "after_dedup": 8, "cap": 5}
     entry = reports.sft_entry(1, trained, evaluation, samples=SAMPLES, sampled_by="dpo_1", labels=labels)
     assert (entry["seconds"], entry["flops"]) == (13.25, 5.0 + 1e9)
     assert entry["sampled"]["model"] == "dpo_1" and entry["sampled"]["pass_at_n"] == 0.5
-    assert (entry["pseudo_labels"], entry["beyond_gold"]) == (9, 7)
+    assert [entry[k] for k in ("pseudo_labels", "beyond_gold", "correct_samples", "distinct_samples",
+                               "after_dedup", "cap")] == [9, 7, 12, 10, 8, 5]
+    assert "questions" not in entry  # the label manifest's question count is not an entry field
+    # an older manifest without the counts gives an entry without them (its report cells stay blank)
+    old = reports.sft_entry(1, trained, evaluation, samples=SAMPLES, sampled_by="dpo_1",
+                            labels={"pseudo_labels": 9, "questions": 2, "beyond_gold": 7})
+    assert "correct_samples" not in old and reports.diagnostics_rows(
+        {"stages": [old]})[0]["correct_samples"] is None

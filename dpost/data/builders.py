@@ -221,20 +221,39 @@ def pseudo_label_cap(counts: Sequence[int], percentile: float = CAP_PERCENTILE) 
     return max(1, int(np.percentile(np.asarray(counts, dtype=np.float64), percentile)))
 
 
+class PseudoLabels(NamedTuple):
+    """The pseudo-labels and how the pooled correct samples thinned out on the way (gold rationales
+    not counted): all correct samples, their distinct texts, those left after near-duplicate removal,
+    and those under the cap (`beyond_gold`). Where DPO-ST's extra correct samples are lost shows here."""
+
+    labels: list[Label]
+    correct: int
+    distinct: int
+    after_dedup: int
+    beyond_gold: int
+    cap: int
+
+
 def build_pseudo_labels(questions: Sequence[QuestionSamples], family: str, *,
                         dedup_threshold: float = DEDUP_THRESHOLD,
                         cap_percentile: float = CAP_PERCENTILE,
-                        tokenize: Tokenize | None = None) -> list[Label]:
+                        tokenize: Tokenize | None = None) -> PseudoLabels:
     """Pseudo-labels: per question the formatted gold rationale (if any) then the distinct correct
     samples (sorted), near-duplicates dropped, at most the ``cap_percentile``-th percentile of the
     per-question counts (over questions with a label). Every labeled question keeps its gold."""
     kept_per_question: list[tuple[QuestionSamples, list[str]]] = []
+    correct = distinct = 0
     for q in questions:
         pos, _ = split_samples(q.samples, q.gold)
+        correct, distinct = correct + len(pos), distinct + len(set(pos))
         kept = _drop_near_duplicates(_gold_first(q, family, pos), dedup_threshold, tokenize)
         if kept:  # an answer-only question without a correct sample has no label
             kept_per_question.append((q, kept))
     cap = pseudo_label_cap([len(k) for _, k in kept_per_question], cap_percentile)
     labels = [Label(q.id, q.question, t, q.gold) for q, kept in kept_per_question for t in kept[:cap]]
-    log.info("pseudo-labels: %d for %d questions (cap %d per question)", len(labels), len(questions), cap)
-    return labels
+    golds = sum(1 for q, _ in kept_per_question if q.gold_rationale)
+    after_dedup = sum(len(k) for _, k in kept_per_question) - golds
+    log.info("pseudo-labels: %d for %d questions (cap %d per question); correct samples %d, distinct %d, "
+             "after de-dup %d, under the cap %d (gold not counted)", len(labels), len(questions), cap,
+             correct, distinct, after_dedup, len(labels) - golds)
+    return PseudoLabels(labels, correct, distinct, after_dedup, len(labels) - golds, cap)

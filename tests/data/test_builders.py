@@ -79,7 +79,7 @@ def test_near_duplicate_threshold_is_strict():
     s_edge = "a b c d e #### 1"  # 7/10 == 0.7: kept (only > 0.7 drops)
     s_far = "t u v w #### 1"
     labels = build_pseudo_labels([q([s_dup, s_edge, s_far, "t u v w #### 1", "wrong #### 9"], gold_rationale=gold)],
-                                 "llama", cap_percentile=100)
+                                 "llama", cap_percentile=100).labels
     assert [l.target for l in labels] == [gold, s_edge, s_far]
 
 
@@ -94,13 +94,29 @@ def test_pseudo_labels_cap_and_gold_first():
     for k in range(1, 11):  # question k has k-1 distinct correct samples plus its gold: k labels
         samples = [f"s{k}x{j} t{k}x{j} #### {k}" for j in range(k - 1)] + [f"bad{k} #### -1"]
         questions.append(q(samples, gold_rationale=f"gold{k} #### {k}", gold=float(k), qid=f"q{k}"))
-    labels = build_pseudo_labels(questions, "llama")
+    labels = build_pseudo_labels(questions, "llama").labels
     per_q = {qq.id: [l for l in labels if l.id == qq.id] for qq in questions}
     assert [len(v) for v in per_q.values()] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 9]  # cap int(9.1) = 9
     for k, v in enumerate(per_q.values(), start=1):
         assert v[0] == Label(f"q{k}", "Q?", f"gold{k} #### {k}", float(k))  # gold first, always kept
         assert all("bad" not in l.target for l in v)
     assert [l.target for l in per_q["q10"]][1:] == sorted(f"s10x{j} t10x{j} #### 10" for j in range(9))[:8]
+
+
+def test_pseudo_label_counts_follow_the_samples_to_the_labels():
+    """correct -> distinct -> after de-dup -> under the cap, gold rationales not counted (by hand)."""
+    gold = "a b c d e f g h #### 1"
+    labeled = q(["a b c d e f g h i #### 1",  # near-duplicate of the gold (10/11 > 0.7)
+                 "t u v w #### 1", "t u v w #### 1",  # one text twice
+                 "p q r s #### 1", "x #### 9"], gold_rationale=gold)
+    answer_only = q(["k l #### 2"], gold_rationale="", gold=2.0, qid="q2")
+    no_correct = q(["z #### 9"], gold_rationale="m n o #### 3", gold=3.0, qid="q3")
+    built = build_pseudo_labels([labeled, answer_only, no_correct], "llama")
+    # kept per question (gold included): 3, 1, 1 -> int(percentile([1, 1, 3], 90)) = int(2.6) = 2,
+    # so q1 keeps its gold and the first of its two sorted distinct samples
+    assert (built.correct, built.distinct, built.after_dedup, built.beyond_gold, built.cap) == (5, 4, 3, 2, 2)
+    assert [(l.id, l.target) for l in built.labels] == [("q1", gold), ("q1", "p q r s #### 1"),
+                                                        ("q2", "k l #### 2"), ("q3", "m n o #### 3")]
 
 
 def test_pass_rates():
@@ -114,11 +130,11 @@ def test_answer_only_questions():
     """No gold rationale (data.labeled): pairs need a correct sample, labels are the correct samples."""
     only_wrong = q(["x y #### 2", "I do not know"], gold_rationale="")
     assert build_pairs([only_wrong], "llama") == []
-    assert build_pseudo_labels([only_wrong], "llama") == []
+    assert build_pseudo_labels([only_wrong], "llama").labels == []
     mixed = q(["p q r #### 1", "x y #### 2", "p q r #### 1"], gold_rationale="", qid="q2")
     assert build_pairs([mixed], "llama") == [Pair("q2", "Q?", "p q r #### 1", "x y #### 2")]
     labeled = q(["s t #### 1", "u v w #### 1"], qid="q3")
-    labels = build_pseudo_labels([only_wrong, mixed, labeled], "llama", cap_percentile=100)
+    labels = build_pseudo_labels([only_wrong, mixed, labeled], "llama", cap_percentile=100).labels
     assert [(l.id, l.target) for l in labels] == [("q2", "p q r #### 1"), ("q3", "a b c #### 1"),
                                                   ("q3", "s t #### 1"), ("q3", "u v w #### 1")]
 
@@ -128,7 +144,7 @@ def test_cap_counts_only_questions_with_labels():
     percentile: nine questions without labels must not pull the cap down to 1."""
     empty = [q(["#### 9"], gold_rationale="", qid=f"e{i}") for i in range(9)]
     three = q(["k l #### 1", "m n #### 1"], qid="full")
-    labels = build_pseudo_labels(empty + [three], "llama")
+    labels = build_pseudo_labels(empty + [three], "llama").labels
     assert len(labels) == 3
 
 
@@ -152,7 +168,7 @@ def test_small_real_sample():
         assert all(1 <= n <= 3 for n in per_q.values())
         if family == "llama":
             assert all(n == 2 for n in per_q.values())
-        labels = build_pseudo_labels(questions, family)
+        labels = build_pseudo_labels(questions, family).labels
         assert {l.id for l in labels} == {r.id for r in rows}
         if family == "llama":  # the raw gold sample is an exact duplicate of the gold: one label each
             assert len(labels) == len(rows)

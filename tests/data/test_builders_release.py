@@ -201,11 +201,11 @@ def test_pseudo_labels_match_the_release(questions, tokenizer):
     items = _release_items(questions)
     cap = release_rft(items, tokenizer)
     theirs = release_rft(items, tokenizer, cap)
-    ours = builders.build_pseudo_labels(questions, "llama", tokenize=tokenizer.tokenize)
+    ours = builders.build_pseudo_labels(questions, "llama", tokenize=tokenizer.tokenize).labels
     assert cap > 1
     assert [(l.question, l.target) for l in ours] == [(d["question"], d["answer"]) for d in theirs]
     # Sub-word similarity keeps fewer labels than whitespace words do on these sentence rationales.
-    words = builders.build_pseudo_labels(questions, "llama")
+    words = builders.build_pseudo_labels(questions, "llama").labels
     assert len(words) != len(ours)
 
 
@@ -223,7 +223,7 @@ def test_distinct_phrasings_stay_distinct(tokenizer):
     for row in _problems(50, seed=9):
         samples = [_restyle(row["answer"], rng) for _ in range(6)]
         q = builders.QuestionSamples("q", row["question"], row["answer"], row["ans"], samples)
-        kept.append(len(builders.build_pseudo_labels([q], "llama", tokenize=tokenizer.tokenize, cap_percentile=100)))
+        kept.append(len(builders.build_pseudo_labels([q], "llama", tokenize=tokenizer.tokenize, cap_percentile=100).labels))
     assert np.mean(kept) > 2.0  # gold plus, on average, more than one distinct sample
 
 
@@ -245,7 +245,7 @@ def test_equation_rationales_collapse(tokenizer):
                     line = line.replace(expr, f"{b}{op}{a}")
             swapped.append(line)
         q = builders.QuestionSamples("q", row["question"], row["answer"], row["ans"], ["\n".join(swapped + lines[-1:])])
-        kept.append(len(builders.build_pseudo_labels([q], "llama", tokenize=tokenizer.tokenize, cap_percentile=100)))
+        kept.append(len(builders.build_pseudo_labels([q], "llama", tokenize=tokenizer.tokenize, cap_percentile=100).labels))
     assert np.mean(kept) < 1.2
 
 

@@ -97,7 +97,7 @@ def test_equation_rationales_commute():
     other = ex.answer.replace(first, flipped, 1)
     assert other != ex.answer and gsm8k.is_correct(gsm8k.extract_answer(other), ex.gold)
     labels = builders.build_pseudo_labels(
-        [builders.QuestionSamples(ex.id, ex.question, ex.answer, ex.gold, [other, ex.answer])], "llama")
+        [builders.QuestionSamples(ex.id, ex.question, ex.answer, ex.gold, [other, ex.answer])], "llama").labels
     assert [l.target for l in labels] == [format_example("llama", ex)[1], format_example("llama", type(ex)(
         ex.question, other, ex.gold, ex.id))[1]]
 
