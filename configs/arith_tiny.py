@@ -36,6 +36,10 @@ points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: 
   step-only counting +0.9, at lr 5e-5 without the NLL term -2.5 and at 2e-4 -18.9 (the chosen
   step's likelihood fell with the rejected one's). Fourth final (seeds 18-22, test, this config):
   DPO-ST - ST +0.6 points, 95% CI [-2.4, +3.6]: no difference (README).
+- The release's cap and 3 label samples kept after two dev screens over all three iterations
+  (seeds 0-2, rule written before the runs): no cap (`pseudo_labels.cap_percentile=100`, DPO-ST -
+  ST +0.2 points on dev) and 10 samples (`sampling.labels.num_samples=10`, the paper's Llama
+  setting: -10.0 and -3.0 on seeds 0 and 1, ST near the ceiling at 93.5%).
 All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
 moved ST's final from 82% to 94% and 49.5% (README): these results hold for that M0.
 `model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
