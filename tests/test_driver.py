@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+from etils import epath
 
 from dpost.data import gsm8k
 
@@ -124,6 +125,22 @@ def test_diagnostics_in_results(reference_run):
     assert {"rewards/accuracies", "rewards/margins"} <= set(dpo["dpo_eval"])
     pretrain = load_results(reference_run)["pretrain"]
     assert pretrain["steps"] == 30 and pretrain["flops"] > 0
+
+
+def test_label_funnel_script_reads_a_run(reference_run):
+    """analysis/label_funnel.py rebuilds the run's labels from its stored samples and config."""
+    sys.path.insert(0, os.path.join(REPO, "analysis"))
+    try:
+        from label_funnel import funnel
+    finally:
+        sys.path.pop(0)
+    method, rows = funnel(epath.Path(reference_run))
+    sft1 = load_results(reference_run)["stages"][2]
+    assert method == "dpo_st" and list(rows) == [1]
+    correct, distinct, after_dedup, beyond_gold, cap, near_gold, near_sample = rows[1]
+    assert (correct, distinct, after_dedup, beyond_gold, cap) == tuple(
+        sft1[k] for k in ("correct_samples", "distinct_samples", "after_dedup", "beyond_gold", "cap"))
+    assert near_gold + near_sample == distinct - after_dedup
 
 
 def test_answer_only_questions_end_to_end(tmp_path):
