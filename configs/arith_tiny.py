@@ -26,7 +26,7 @@ before the final comparison ran seeds 3-7 on test with this file's settings unch
   `dpo.mask_calculator` (pass@3 0.9 points below the config's) and a 2.4x larger model (gain -0.3).
 Three finals with these settings on test (seeds 3-7, 8-12, 13-17; README): ST beats SFT by about 42
 points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: no difference.
-- DPO at the first wrong step (since the fourth final, seeds 18-22; not the release's pairs): each
+- DPO at the first wrong step (the fourth final only, seeds 18-22; not the release's pairs): each
   pair's rejected side is grafted at the incorrect sample's first wrong calculator step
   (`pairs.rejected=wrong_step`), DPO counts each side only through that step
   (`dpo.count=through_wrong_step`, `dpo.reference=in_step`), at the release's rate 5e-5 with an NLL
@@ -36,10 +36,16 @@ points; DPO-ST - ST is +1.2 points over all fifteen seeds, 95% CI [-1.0, +3.2]: 
   step-only counting +0.9, at lr 5e-5 without the NLL term -2.5 and at 2e-4 -18.9 (the chosen
   step's likelihood fell with the rejected one's). Fourth final (seeds 18-22, test, this config):
   DPO-ST - ST +0.6 points, 95% CI [-2.4, +3.6]: no difference (README).
-- The release's cap and 3 label samples kept after two dev screens over all three iterations
-  (seeds 0-2, rule written before the runs): no cap (`pseudo_labels.cap_percentile=100`, DPO-ST -
-  ST +0.2 points on dev) and 10 samples (`sampling.labels.num_samples=10`, the paper's Llama
-  setting: -10.0 and -3.0 on seeds 0 and 1, ST near the ceiling at 93.5%).
+- Since the fifth final (seeds 23-27): the release's sequence-level DPO again (lr 1e-5, no NLL
+  term, as in finals 1-3), and no pseudo-label cap (`pseudo_labels.cap_percentile=100`, not the
+  release: every distinct, de-duplicated correct sample is kept). Dev screens over all three
+  iterations (seeds 0-2, rule written before the runs: DPO-ST - ST >= +2 points on dev on average
+  and in 2 of 3 seeds, more labels beyond gold): no cap with the step-level DPO above, +0.2; 10 label
+  samples (`sampling.labels.num_samples=10`), -10.0 and -3.0 on seeds 0-1; no cap with the
+  sequence-level DPO, run as a diagnostic of the step-level DPO's loss of sample diversity (its
+  samples repeat the gold's wording; README, "the pseudo-label funnel"), +5.7 (+9.0, +5.5, +2.5;
+  beyond gold +2, +67, +90 by iteration): it met the rule and became this config after the fact,
+  disclosed as such; the fifth final on fresh seeds is its test.
 All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
 moved ST's final from 82% to 94% and 49.5% (README): these results hold for that M0.
 `model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
@@ -83,12 +89,10 @@ def get_config():
     c.sft.optimizer.learning_rate = 2e-3
     c.dpo.steps = 40
     c.dpo.batch_size = 32
-    c.dpo.optimizer.learning_rate = 5e-5
-    # Step-level DPO (docstring): pairs part at the rejected sample's first wrong step and count only it.
-    c.pairs.rejected = "wrong_step"
-    c.dpo.count = "through_wrong_step"
-    c.dpo.reference = "in_step"
-    c.dpo.rpo_alpha = 1.0
+    c.dpo.optimizer.learning_rate = 1e-5
+    # Not the release: keep every distinct correct sample (docstring), so the cap cannot fall as
+    # DPO spreads correct samples over more questions.
+    c.pseudo_labels.cap_percentile = 100
     c.dpo.eval_pairs = 64
     for name in ("pairs", "labels", "eval"):
         c.sampling[name].max_new_tokens = 144
