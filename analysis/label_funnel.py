@@ -26,10 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from etils import epath  # noqa: E402
 
 from dpost import stages  # noqa: E402
+from dpost.driver import LABEL_SAMPLING  # noqa: E402
 from dpost.data import builders, formatting  # noqa: E402
 from dpost.data.task import load_task  # noqa: E402
 from dpost.models import sources  # noqa: E402
-from dpost.workdir import StageDir  # noqa: E402
+from dpost.workdir import CONFIG_FILE, StageDir  # noqa: E402
 
 COLUMNS = ("correct", "distinct", "after de-dup", "beyond gold", "cap", "dropped near gold", "dropped near a sample")
 
@@ -37,7 +38,7 @@ COLUMNS = ("correct", "distinct", "after de-dup", "beyond gold", "cap", "dropped
 def run_config(run: epath.Path) -> ml_collections.ConfigDict:
     """The run's config.json (flat keys) as the nested ConfigDict the driver used."""
     nested: dict = {}
-    for key, value in json.loads((run / "config.json").read_text())["config"].items():
+    for key, value in json.loads((run / CONFIG_FILE).read_text())["config"].items():
         *parents, leaf = key.split(".")
         node = nested
         for p in parents:
@@ -68,14 +69,14 @@ def funnel(run: epath.Path) -> tuple[str, dict[int, tuple]]:
     config = run_config(run)
     family = config.model.family
     examples = load_task(config, str(run)).train
-    tokenizer = sources._load_tokenizer(str(run / "iter_0" / "sft" / "model" / sources.TOKENIZER_DIR), str(run))
+    tokenizer = sources._load_tokenizer(str(run / "iter_0" / "sft" / stages.MODEL_DIR / sources.TOKENIZER_DIR), str(run))
     tokenize = stages.similarity_tokens(config.pseudo_labels.similarity, tokenizer)
     threshold = config.pseudo_labels.dedup_threshold
     rounds, out = [], {}
     for k in range(1, config.iterations + 1):
         if not (run / f"iter_{k}" / "pseudo_labels").exists():
             break
-        rounds.append(stages.read_samples(StageDir(run / f"iter_{k}" / "sample_labels", "")))
+        rounds.append(stages.read_samples(StageDir(run / f"iter_{k}" / LABEL_SAMPLING.stage, "")))
         questions = stages.question_samples(examples, rounds)
         built = builders.build_pseudo_labels(questions, family, dedup_threshold=threshold,
                                              cap_percentile=config.pseudo_labels.cap_percentile, tokenize=tokenize)
