@@ -14,9 +14,15 @@ host one run leaves cores idle (XLA:CPU on small matrices), so two runs on two c
 together; on an accelerator keep 1 (each run would claim the whole device). Results are the same.
 
 For each pair of methods (the later on --methods minus the earlier: --methods lists the baseline
-first) the final models' accuracy difference, paired by seed and question, gets two 95% intervals
-(`dpost.stats`): a hierarchical bootstrap over seeds and questions (primary) and a t interval over
-seeds. The ordering to check is the reverse of --methods (sft,st,dpo_st: dpo_st > st > sft).
+first) the final models' accuracy difference, paired by seed and question, gets two intervals
+(`dpost.stats`; 95%, or `--level`): a hierarchical bootstrap over seeds and questions (primary) and a
+t interval over seeds. The ordering to check is the reverse of --methods (sft,st,dpo_st: dpo_st > st >
+sft). A higher level is for a repeated look at test, e.g. 0.975 when a second final is pooled with a
+first (Bonferroni).
+
+`--report_only` trains nothing: it writes the tables from runs that have finished (each run's
+results.json and its final model's predictions), e.g. to pool two comparisons' runs: link their
+<method>/seed_<s> folders under one WORKDIR and list all their seeds.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ _METHODS = flags.DEFINE_list("methods", ["sft", "st", "dpo_st"], "Methods to com
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Runs at a time, each in its own process (CPU hosts; see above).",
                              lower_bound=1)
+_LEVEL = flags.DEFINE_float("level", stats.LEVEL, "Level of the paired intervals, between 0 and 1 (see above).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the tables from finished runs; train nothing.")
+flags.register_validator("level", lambda level: 0 < level < 1, message="--level must lie between 0 and 1")
 
 
 def summarize(runs: dict[str, list[dict]], split: str) -> dict:
@@ -111,13 +120,14 @@ def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: s
     return seeds, out
 
 
-def paired_differences(methods: list[str], seeds: list[int], correct: dict[str, np.ndarray]) -> list[dict]:
+def paired_differences(methods: list[str], seeds: list[int], correct: dict[str, np.ndarray],
+                       level: float = stats.LEVEL) -> list[dict]:
     """Each later method minus each earlier one (st-sft, dpo_st-sft, dpo_st-st), in percentage points."""
     out = []
     for j, a in enumerate(methods):
         for b in methods[:j]:
-            boot = stats.paired_bootstrap_interval(correct[a], correct[b]).scaled(100)
-            t = stats.paired_t_interval(correct[a], correct[b]).scaled(100)
+            boot = stats.paired_bootstrap_interval(correct[a], correct[b], level=level).scaled(100)
+            t = stats.paired_t_interval(correct[a], correct[b], level).scaled(100)
             out.append({"a": a, "b": b, "seeds": seeds, "questions": int(correct[a].shape[1]),
                         "bootstrap": boot.as_dict(), "t": t.as_dict(), "verdict": stats.pair_verdict(a, b, boot)})
     return out
@@ -195,13 +205,14 @@ def markdown(summary: dict, split: str, config_path: str, differences: list[dict
                      + " | ".join(f"{s['per_iteration'][k]:.1f}" if k in s["per_iteration"] else "-" for k in iters)
                      + " |")
     if differences:
+        level = stats.level_name(differences[0]["bootstrap"]["level"])
         lines += ["", f"## Paired differences of the final models on {split}", "",
-                  f"Percentage points, paired by seed and question. Primary interval: 95% percentile interval "
+                  f"Percentage points, paired by seed and question. Primary interval: {level} percentile interval "
                   f"of a bootstrap over seeds and questions ({stats.BOOTSTRAP_RESAMPLES:,} resamples, RNG seed "
-                  f"{stats.BOOTSTRAP_SEED}); also the 95% paired t interval over seeds (Student t, seeds - 1 "
+                  f"{stats.BOOTSTRAP_SEED}); also the {level} paired t interval over seeds (Student t, seeds - 1 "
                   f"degrees of freedom, test set held fixed). A difference whose bootstrap interval contains "
                   f"zero is reported as no difference.", "",
-                  "| difference | mean | bootstrap 95% CI | t 95% CI | verdict |", "|" + " --- |" * 5]
+                  f"| difference | mean | bootstrap {level} CI | t {level} CI | verdict |", "|" + " --- |" * 5]
         for d in differences:
             boot, t = d["bootstrap"], d["t"]
             lines.append(f"| {d['a']} - {d['b']} | {boot['mean']:+.1f} | {_bounds(boot)} | {_bounds(t)} | "
@@ -225,6 +236,25 @@ def _bounds(interval: dict) -> str:
 
 def run_dir(root: epath.Path, method: str, seed: int) -> epath.Path:
     return root / method / f"seed_{seed}"
+
+
+def read_finished_runs(root: epath.Path, methods: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """{method: [results.json of each seed]} of runs that have finished (--report_only)."""
+    runs: dict[str, list[dict]] = {}
+    for method in methods:
+        for seed in seeds:
+            path = run_dir(root, method, seed) / "results.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: missing (that run has not finished; --report_only trains nothing)")
+            try:
+                results = json.loads(path.read_text())
+                ran = (results["method"], results["seed"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: not a run's results document ({err})") from None
+            if ran != (method, seed):
+                raise ValueError(f"{path}: a run of {ran[0]} seed {ran[1]}, not of {method} seed {seed}")
+            runs.setdefault(method, []).append(results)
+    return runs
 
 
 def share_warmup(source: epath.Path, target: epath.Path) -> None:
@@ -367,12 +397,14 @@ def main(argv) -> int:
     try:
         config_check.check(base)
         config_check.check_values("method", methods, "--methods")
-        if _JOBS.value > 1:
+        if _REPORT_ONLY.value:
+            runs = read_finished_runs(root, methods, seeds)
+        elif _JOBS.value > 1:
             runs = run_in_parallel(base, root, methods, seeds, config_path, _JOBS.value)
         else:
             runs = run_sequentially(base, root, methods, seeds, config_path)
         split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
-        doc = write_comparison(root, runs, methods, split, config_path)
+        doc = write_comparison(root, runs, methods, split, config_path, _LEVEL.value)
     except Stopped as err:
         print(f"dpost.compare: {err}", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -384,18 +416,18 @@ def main(argv) -> int:
 
 
 def write_comparison(root: epath.Path, runs: dict[str, list[dict]], methods: list[str], split: str,
-                     config_path: str) -> str:
+                     config_path: str, level: float = stats.LEVEL) -> str:
     """comparison.json, comparison.md and accuracy.png from finished runs; returns the markdown."""
     summary = summarize(runs, split)
     seeds, correct = correctness_matrices(root, runs, split)
-    differences = paired_differences(methods, seeds, correct)
+    differences = paired_differences(methods, seeds, correct, level)
     order = ordering(methods, differences) if len(methods) > 1 else None
     diagnostics, mechanism_lines = mean_diagnostics(runs), mechanism(runs)
     doc = markdown(summary, split, config_path, differences, order, diagnostics, mechanism_lines)
     write_json_atomic(root / "comparison.json", {
         "config": config_path, "split": split, "summary": summary, "differences": differences,
         "ordering": order, "diagnostics": diagnostics, "mechanism": mechanism_lines,
-        "intervals": {"units": "percentage points", "level": stats.LEVEL,
+        "intervals": {"units": "percentage points", "level": level,
                       "primary": stats.BOOTSTRAP_METHOD, "resamples": stats.BOOTSTRAP_RESAMPLES,
                       "rng_seed": stats.BOOTSTRAP_SEED, "also": stats.T_METHOD}})
     write_text_atomic(root / "comparison.md", doc)

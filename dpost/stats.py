@@ -1,7 +1,8 @@
 """Paired statistics for comparing two methods run on the same seeds and the same test questions.
 
 Inputs are correctness arrays of shape [seeds, questions] (1 = correct), one per method, rows paired
-by seed and columns by question. Two 95% intervals for the mean accuracy difference A - B:
+by seed and columns by question. Two intervals (95% unless a level is given) for the mean accuracy
+difference A - B:
 
 * paired t over seeds: the per-seed accuracy differences with Student's t (seeds - 1 degrees of
   freedom). It treats the test set as fixed and needs two seeds or more.
@@ -9,7 +10,7 @@ by seed and columns by question. Two 95% intervals for the mean accuracy differe
   replacement and, independently, test questions with replacement, the same draws for both methods
   and for every drawn seed (the seeds share one test set, so its questions are drawn once);
   the statistic is the mean over the drawn seeds of the accuracy difference on the drawn questions,
-  and the interval is the 2.5-97.5 percentile range. It counts both sources of chance: training
+  and the interval is the central percentile range (2.5-97.5 at 95%). It counts both sources of chance: training
   randomness (seeds) and the finite test set (questions).
 """
 
@@ -31,16 +32,18 @@ _CHUNK = 500  # resamples per vectorised block: bounds memory at ~chunk x questi
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
-    """A mean with its interval; low/high are None where the interval is undefined (one seed, t)."""
+    """A mean with its interval at `level`; low/high are None where the interval is undefined (one
+    seed, t)."""
 
     mean: float
     low: float | None
     high: float | None
     method: str
+    level: float = LEVEL
 
     def scaled(self, factor: float) -> "Interval":
         low, high = (None, None) if self.low is None else (self.low * factor, self.high * factor)
-        return Interval(self.mean * factor, low, high, self.method)
+        return dataclasses.replace(self, mean=self.mean * factor, low=low, high=high)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,9 +54,9 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
     if x.size < 2:
-        return Interval(mean, None, None, T_METHOD)
+        return Interval(mean, None, None, T_METHOD, level)
     half = scipy_stats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-    return Interval(mean, float(mean - half), float(mean + half), T_METHOD)
+    return Interval(mean, float(mean - half), float(mean + half), T_METHOD, level)
 
 
 def _paired(correct_a, correct_b) -> np.ndarray:
@@ -99,7 +102,7 @@ def paired_bootstrap_interval(correct_a, correct_b, resamples: int = BOOTSTRAP_R
     replicates = bootstrap_differences(correct_a, correct_b, resamples, seed)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail])
-    return Interval(float(_paired(correct_a, correct_b).mean()), float(low), float(high), BOOTSTRAP_METHOD)
+    return Interval(float(_paired(correct_a, correct_b).mean()), float(low), float(high), BOOTSTRAP_METHOD, level)
 
 
 # -- verdicts ---------------------------------------------------------------------------------------
@@ -116,11 +119,16 @@ def pair_verdict(a: str, b: str, interval: Interval) -> str:
     return "no difference"
 
 
+def level_name(level: float) -> str:
+    """'95%', '97.5%'."""
+    return f"{100 * level:g}%"
+
+
 def describe(interval: Interval, unit: str = "points", digits: int = 1) -> str:
-    """'+3.0 points, 95% CI [0.5, 6.1]' (the interval's level is the module's LEVEL)."""
+    """'+3.0 points, 95% CI [0.5, 6.1]' (at the interval's level)."""
     if interval.low is None:
         return f"{interval.mean:+.{digits}f} {unit}, no interval (one seed)"
-    return (f"{interval.mean:+.{digits}f} {unit}, {100 * LEVEL:.0f}% CI "
+    return (f"{interval.mean:+.{digits}f} {unit}, {level_name(interval.level)} CI "
             f"[{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]")
 
 

@@ -5,6 +5,9 @@ per-iteration diagnostics and the mechanism lines, and one-line errors for bad p
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,5 +167,80 @@ def test_one_seed_has_a_bootstrap_interval_but_no_t_interval(tmp_path):
     # seed 0: st - sft is +1 on question test-1 only, so the bootstrap over the 5 questions alone
     expected = stats.paired_bootstrap_interval(np.array(CORRECT["st"][:1]), np.array(CORRECT["sft"][:1])).scaled(100)
     assert difference["bootstrap"] == expected.as_dict()
-    assert difference["t"] == {"mean": pytest.approx(20.0), "low": None, "high": None, "method": stats.T_METHOD}
+    assert difference["t"] == {"mean": pytest.approx(20.0), "low": None, "high": None, "method": stats.T_METHOD,
+                               "level": 0.95}
     assert f"| st - sft | +20.0 | [{expected.low:+.1f}, {expected.high:+.1f}] | n/a (one seed) |" in text
+
+
+def t_quantile_2_dof(p: float) -> float:
+    """Student t quantile with 2 degrees of freedom, closed form: (2p - 1) / sqrt(2p(1 - p))."""
+    return (2 * p - 1) / np.sqrt(2 * p * (1 - p))
+
+
+def test_level_widens_both_intervals_and_names_itself(tmp_path):
+    assert t_quantile_2_dof(0.975) == pytest.approx(T_975_2)
+    root = epath.Path(tmp_path)
+    runs = write_runs(root)
+    text = compare.write_comparison(root, runs, ["sft", "st", "dpo_st"], "test", "c.py", level=0.975)
+    doc = json.loads((root / "comparison.json").read_text())
+    st_sft = doc["differences"][0]
+    assert (st_sft["a"], st_sft["b"]) == ("st", "sft")
+    # per seed +20, +40, +20 points (test_paired_intervals_of_every_pair), now with t_{0.9875, 2}
+    half = t_quantile_2_dof(0.9875) * np.sqrt((2 * (20 / 3) ** 2 + (40 / 3) ** 2) / 2 / 3)
+    assert (st_sft["t"]["low"], st_sft["t"]["high"]) == (pytest.approx(80 / 3 - half), pytest.approx(80 / 3 + half))
+    replicates = 100 * stats.bootstrap_differences(np.array(CORRECT["st"]), np.array(CORRECT["sft"]))
+    low, high = np.percentile(replicates, [1.25, 98.75])
+    assert (st_sft["bootstrap"]["low"], st_sft["bootstrap"]["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert st_sft["bootstrap"]["level"] == st_sft["t"]["level"] == doc["intervals"]["level"] == 0.975
+    assert "| difference | mean | bootstrap 97.5% CI | t 97.5% CI | verdict |" in text
+    assert "Primary interval: 97.5% percentile interval" in text and "also the 97.5% paired t interval" in text
+    assert "97.5% CI [+0.0, +0.0] contains zero" in doc["ordering"]["text"]
+
+
+def run_compare(*args) -> subprocess.CompletedProcess:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "dpost.compare", "--config", "configs/arith_tiny.py", *args],
+                          cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_report_only_pools_finished_runs_and_refuses_an_unfinished_one(tmp_path):
+    root = epath.Path(tmp_path) / "pooled"
+    runs = write_runs(root)
+    for method, results_list in runs.items():
+        for results in results_list:
+            (root / method / f"seed_{results['seed']}" / "results.json").write_text(json.dumps(results))
+    expected = compare.write_comparison(epath.Path(tmp_path) / "pooled", runs, ["sft", "st", "dpo_st"], "test",
+                                        "configs/arith_tiny.py", level=0.975)
+    (root / "comparison.md").unlink()
+    proc = run_compare("--report_only", "--level=0.975", "--seeds=0,1,2", f"--workdir={root}")
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "comparison.md").read_text() == expected
+    assert not (root / "st" / "seed_0" / "compare.log").exists()  # nothing ran
+
+    (root / "comparison.md").unlink()
+    (root / "dpo_st" / "seed_2" / "results.json").unlink()
+    proc = run_compare("--report_only", "--seeds=0,1,2", f"--workdir={root}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"dpost.compare: error: {root / 'dpo_st' / 'seed_2' / 'results.json'}: missing (that run has not finished; "
+        "--report_only trains nothing)"], proc.stderr
+    assert not (root / "comparison.md").exists()
+
+
+def test_report_only_refuses_a_run_filed_under_another_seed(tmp_path):
+    root = epath.Path(tmp_path)
+    runs = write_runs(root)
+    for method, results_list in runs.items():
+        for results in results_list:
+            (root / method / f"seed_{results['seed']}" / "results.json").write_text(json.dumps(results))
+    (root / "st" / "seed_1" / "results.json").write_text(json.dumps(runs["st"][2]))
+    with pytest.raises(ValueError, match=r"st/seed_1/results.json: a run of st seed 2, not of st seed 1$"):
+        compare.read_finished_runs(root, ["sft", "st"], [0, 1, 2])
+
+
+def test_level_outside_zero_and_one_is_refused(tmp_path):
+    proc = run_compare("--report_only", "--level=1.5", f"--workdir={tmp_path / 'cmp'}")
+    assert proc.returncode != 0
+    assert "--level must lie between 0 and 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cmp").exists()
