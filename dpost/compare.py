@@ -128,8 +128,10 @@ def paired_differences(methods: list[str], seeds: list[int], correct: dict[str, 
         for b in methods[:j]:
             boot = stats.paired_bootstrap_interval(correct[a], correct[b], level=level).scaled(100)
             t = stats.paired_t_interval(correct[a], correct[b], level).scaled(100)
+            detectable = stats.paired_detectable_difference(correct[a], correct[b], level)
             out.append({"a": a, "b": b, "seeds": seeds, "questions": int(correct[a].shape[1]),
-                        "bootstrap": boot.as_dict(), "t": t.as_dict(), "verdict": stats.pair_verdict(a, b, boot)})
+                        "bootstrap": boot.as_dict(), "t": t.as_dict(), "verdict": stats.pair_verdict(a, b, boot),
+                        "detectable": None if detectable is None else 100 * detectable})
     return out
 
 
@@ -211,12 +213,17 @@ def markdown(summary: dict, split: str, config_path: str, differences: list[dict
                   f"of a bootstrap over seeds and questions ({stats.BOOTSTRAP_RESAMPLES:,} resamples, RNG seed "
                   f"{stats.BOOTSTRAP_SEED}); also the {level} paired t interval over seeds (Student t, seeds - 1 "
                   f"degrees of freedom, test set held fixed). A difference whose bootstrap interval contains "
-                  f"zero is reported as no difference.", "",
-                  f"| difference | mean | bootstrap {level} CI | t {level} CI | verdict |", "|" + " --- |" * 5]
+                  f"zero is reported as no difference. Detectable: the smallest true difference the t test "
+                  f"would find with {100 * stats.POWER:.0f}% probability given the seeds' spread "
+                  f"((t quantile at the level + t quantile at the power) x sd / sqrt(seeds)): a \"no "
+                  f"difference\" rules out differences of about that size, not smaller ones.", "",
+                  f"| difference | mean | bootstrap {level} CI | t {level} CI | detectable | verdict |",
+                  "|" + " --- |" * 6]
         for d in differences:
             boot, t = d["bootstrap"], d["t"]
+            detectable = "n/a (one seed)" if d["detectable"] is None else f"{d['detectable']:.1f}"
             lines.append(f"| {d['a']} - {d['b']} | {boot['mean']:+.1f} | {_bounds(boot)} | {_bounds(t)} | "
-                         f"{d['verdict']} |")
+                         f"{detectable} | {d['verdict']} |")
     if order:
         lines += ["", order["text"]]
     if diagnostics:
@@ -429,7 +436,8 @@ def write_comparison(root: epath.Path, runs: dict[str, list[dict]], methods: lis
         "ordering": order, "diagnostics": diagnostics, "mechanism": mechanism_lines,
         "intervals": {"units": "percentage points", "level": level,
                       "primary": stats.BOOTSTRAP_METHOD, "resamples": stats.BOOTSTRAP_RESAMPLES,
-                      "rng_seed": stats.BOOTSTRAP_SEED, "also": stats.T_METHOD}})
+                      "rng_seed": stats.BOOTSTRAP_SEED, "also": stats.T_METHOD,
+                      "detectable_power": stats.POWER}})
     write_text_atomic(root / "comparison.md", doc)
     seed_list = ", ".join(str(s) for s in seeds)
     reports.plot_accuracy(root / "accuracy.png", runs, split,

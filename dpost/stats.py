@@ -12,6 +12,9 @@ difference A - B:
   the statistic is the mean over the drawn seeds of the accuracy difference on the drawn questions,
   and the interval is the central percentile range (2.5-97.5 at 95%). It counts both sources of chance: training
   randomness (seeds) and the finite test set (questions).
+
+With them, the detectable difference: the smallest true difference the t test would find with 80%
+probability, given the seeds' spread; a "no difference" rules out differences of about that size only.
 """
 
 from __future__ import annotations
@@ -71,6 +74,26 @@ def _paired(correct_a, correct_b) -> np.ndarray:
 def paired_t_interval(correct_a, correct_b, level: float = LEVEL) -> Interval:
     """t interval over seeds of acc_A - acc_B, each seed's accuracy the mean over its questions."""
     return t_interval(_paired(correct_a, correct_b).mean(axis=1), level)
+
+
+POWER = 0.8
+
+
+def detectable_difference(values: Sequence[float], level: float = LEVEL, power: float = POWER) -> float | None:
+    """The smallest true mean difference that the paired t test over these per-seed differences would
+    declare at `level` with probability `power`, given their spread:
+    (t_{(1+level)/2, n-1} + t_{power, n-1}) · sd / √n (the usual approximation, central t for both).
+    What a "no difference" can rule out; None with fewer than two seeds."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    quantiles = scipy_stats.t.ppf((1 + level) / 2, x.size - 1) + scipy_stats.t.ppf(power, x.size - 1)
+    return float(quantiles * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def paired_detectable_difference(correct_a, correct_b, level: float = LEVEL, power: float = POWER) -> float | None:
+    """detectable_difference of the per-seed accuracy differences acc_A - acc_B."""
+    return detectable_difference(_paired(correct_a, correct_b).mean(axis=1), level, power)
 
 
 def _resample_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:

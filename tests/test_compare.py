@@ -104,7 +104,11 @@ def test_paired_intervals_of_every_pair(compared):
     same = differences[("dpo_st", "st")]
     assert (same["bootstrap"]["low"], same["bootstrap"]["high"], same["t"]["low"], same["t"]["high"]) == (0, 0, 0, 0)
     assert same["verdict"] == "no difference"
-    assert "| dpo_st - st | +0.0 | [+0.0, +0.0] | [+0.0, +0.0] | no difference |" in text
+    assert "| dpo_st - st | +0.0 | [+0.0, +0.0] | [+0.0, +0.0] | 0.0 | no difference |" in text
+    # detectable at 80% power: (t_{0.975,2} + t_{0.8,2}) x sd / sqrt(3), t_{0.8,2} = 0.6 / sqrt(0.32)
+    detectable = (T_975_2 + 0.6 / np.sqrt(0.32)) * np.sqrt((2 * (20 / 3) ** 2 + (40 / 3) ** 2) / 2 / 3)
+    assert differences[("st", "sft")]["detectable"] == pytest.approx(detectable)
+    assert f"| {detectable:.1f} | st > sft |" in text or f"| {detectable:.1f} | no difference |" in text
     assert "| st - sft | +26.7 | " in text and f"| [{80 / 3 - half:+.1f}, {80 / 3 + half:+.1f}] |" in text
     assert "bootstrap over seeds and questions (10,000 resamples, RNG seed 0)" in text
     assert doc["intervals"]["primary"] == "bootstrap over seeds and questions"
@@ -169,7 +173,9 @@ def test_one_seed_has_a_bootstrap_interval_but_no_t_interval(tmp_path):
     assert difference["bootstrap"] == expected.as_dict()
     assert difference["t"] == {"mean": pytest.approx(20.0), "low": None, "high": None, "method": stats.T_METHOD,
                                "level": 0.95}
-    assert f"| st - sft | +20.0 | [{expected.low:+.1f}, {expected.high:+.1f}] | n/a (one seed) |" in text
+    assert difference["detectable"] is None
+    assert (f"| st - sft | +20.0 | [{expected.low:+.1f}, {expected.high:+.1f}] | n/a (one seed) | n/a (one seed) |"
+            in text)
 
 
 def t_quantile_2_dof(p: float) -> float:
@@ -192,7 +198,9 @@ def test_level_widens_both_intervals_and_names_itself(tmp_path):
     low, high = np.percentile(replicates, [1.25, 98.75])
     assert (st_sft["bootstrap"]["low"], st_sft["bootstrap"]["high"]) == (pytest.approx(low), pytest.approx(high))
     assert st_sft["bootstrap"]["level"] == st_sft["t"]["level"] == doc["intervals"]["level"] == 0.975
-    assert "| difference | mean | bootstrap 97.5% CI | t 97.5% CI | verdict |" in text
+    assert "| difference | mean | bootstrap 97.5% CI | t 97.5% CI | detectable | verdict |" in text
+    assert st_sft["detectable"] == pytest.approx(half / t_quantile_2_dof(0.9875) * (t_quantile_2_dof(0.9875)
+                                                                                     + t_quantile_2_dof(0.8)))
     assert "Primary interval: 97.5% percentile interval" in text and "also the 97.5% paired t interval" in text
     assert "97.5% CI [+0.0, +0.0] contains zero" in doc["ordering"]["text"]
 

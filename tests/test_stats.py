@@ -34,6 +34,21 @@ def test_paired_t_interval_by_hand():
     assert stats.pair_verdict("a", "b", interval) == "no difference"
 
 
+T_80_4 = 0.9409646  # Student t quantile t_{0.80, 4} (tables)
+
+
+def test_detectable_difference_by_hand():
+    a = correctness([0.6, 0.5, 0.7, 0.6, 0.8])
+    b = correctness([0.5, 0.5, 0.4, 0.6, 0.5])
+    # per-seed differences as above: sd sqrt(.023); (t_{0.975,4} + t_{0.80,4}) * sqrt(.023 / 5) = 0.25213
+    assert stats.paired_detectable_difference(a, b) == pytest.approx((T_975_4 + T_80_4) * np.sqrt(0.023 / 5))
+    assert stats.detectable_difference([0.1, 0.0, 0.3, 0.0, 0.3]) == pytest.approx(0.25213, abs=1e-5)
+    # a higher level or power asks for a larger difference; one seed has none
+    assert stats.detectable_difference([0.1, 0.0, 0.3, 0.0, 0.3], level=0.975) > 0.25213
+    assert stats.detectable_difference([0.1, 0.0, 0.3, 0.0, 0.3], power=0.9) > 0.25213
+    assert stats.detectable_difference([0.1]) is None
+
+
 def test_t_interval_of_one_seed_is_undefined():
     interval = stats.paired_t_interval(correctness([0.6]), correctness([0.2]))
     assert interval.mean == pytest.approx(0.4)
