@@ -11,9 +11,9 @@ rationale (``Difficulty.style``) is either
 Why sentences: the protocol's builders drop a correct sample as a near-duplicate when its sub-word
 token set overlaps an already kept one by more than 0.7 (Jaccard). Equation-only rationales of one
 question share almost every token, so every correct sample collapses onto the gold rationale and
-self-training adds no data (measured: README, "CPU default"); phrasings in words make distinct
-correct rationales distinct, as GSM8K's are. The operands of ``+`` and ``*`` may also be written in
-either order (``Difficulty.commute``).
+self-training adds no data (measured: docs/experiments.md, the first final); phrasings in words
+make distinct correct rationales distinct, as GSM8K's are. The operands of ``+`` and ``*`` may also
+be written in either order (``Difficulty.commute``).
 
 ``make_splits`` draws held-out sets first, then train, from one seeded stream and removes duplicate
 questions across all splits, so held-out questions never appear in train and test/dev do not
