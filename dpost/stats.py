@@ -10,8 +10,8 @@ difference A - B:
   replacement and, independently, test questions with replacement, the same draws for both methods
   and for every drawn seed (the seeds share one test set, so its questions are drawn once);
   the statistic is the mean over the drawn seeds of the accuracy difference on the drawn questions,
-  and the interval is the central percentile range (2.5-97.5 at 95%). It counts both sources of chance: training
-  randomness (seeds) and the finite test set (questions).
+  and the interval is the central percentile range (2.5-97.5 at 95%). It counts both sources of
+  chance: training randomness (seeds) and the finite test set (questions).
 
 With them, the detectable difference: the smallest true difference the t test would find with 80%
 probability, given the seeds' spread; a "no difference" rules out differences of about that size only.
