@@ -108,6 +108,7 @@ def _optimizer_rules(prefix: str) -> dict[str, Rule]:
         f"{prefix}.b2": number(0, 1, high_open=True),
         f"{prefix}.eps": number(0, low_open=True),
         f"{prefix}.moments_dtype": one_of(MOMENTS_DTYPES),
+        f"{prefix}.average_last": number(0, 1),
     }
 
 

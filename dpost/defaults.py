@@ -25,6 +25,10 @@ def optimizer_fields(**overrides) -> ml_collections.ConfigDict:
             # AdamW's first moment in float32 | bfloat16 (less memory, different numerics: see
             # dpost.training.optimizer); the second moment stays float32
             moments_dtype="float32",
+            # > 0: the stage's trained model is the uniform average of the params after each of its
+            # last ceil(average_last x steps) updates (tail averaging, dpost.training.optimizer; one
+            # more copy of the params in the optimizer state); 0 = the last iterate (the release)
+            average_last=0.0,
         )
     )
     cfg.update(overrides)

@@ -56,7 +56,7 @@ def optimizer_config(opt_cfg, total_steps: int) -> training.OptimizerConfig:
         learning_rate=opt_cfg.learning_rate, total_steps=total_steps, weight_decay=opt_cfg.weight_decay,
         warmup_ratio=opt_cfg.warmup_ratio, min_lr_rate=opt_cfg.min_lr_rate,
         max_grad_norm=opt_cfg.max_grad_norm or None, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-        moments_dtype=opt_cfg.moments_dtype,
+        moments_dtype=opt_cfg.moments_dtype, average_last=opt_cfg.average_last,
     )
 
 
@@ -271,7 +271,7 @@ def sft_stage(base: ModelBundle, examples: Sequence[tuple[str, str]], cfg, stage
         workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), layout=layout,
         pad_to=(p_len, c_len), pad_id=pad,
     )
-    trained = _save_model(base, result.state.params, stage)
+    trained = _save_model(base, training.final_params(result.state.params, result.state.opt_state), stage)
     last = result.history[-1] if result.history else {}
     tokens_per_step = _tokens_per_step(tok.items, batch_size, ["completion"])
     return trained, dict(
@@ -377,7 +377,7 @@ def dpo_stage(policy: ModelBundle, pair_rows: Sequence[dict], cfg, stage: StageD
                             keep=cfg.checkpoint.keep, progress=cfg.progress, name=stage.path.parent.name + "/dpo"),
         workdir=str(stage.path), checkpoint_dir=str(stage.path / CKPT_DIR), eval_fn=eval_fn, layout=layout,
     )
-    trained = _save_model(policy, result.state.params, stage)
+    trained = _save_model(policy, training.final_params(result.state.params, result.state.opt_state), stage)
     last_eval = result.eval_history[-1] if result.eval_history else {}
     n = num_params(policy.params)
     tokens_per_step = _tokens_per_step(items, batch_size, ["chosen", "rejected"])

@@ -35,7 +35,8 @@ LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "samp
 # stage hashes and resume.
 ADDED_FIELDS = {"model.scan_layers": True, "data.synthetic.n_test_extra": 0, "pairs.select": "least_similar",
                 "pairs.rejected": "sample", "dpo.count": "all",
-                **{f"{stage}.optimizer.moments_dtype": "float32" for stage in ("sft", "dpo", "pretrain")}}
+                **{f"{stage}.optimizer.moments_dtype": "float32" for stage in ("sft", "dpo", "pretrain")},
+                **{f"{stage}.optimizer.average_last": 0.0 for stage in ("sft", "dpo", "pretrain")}}
 
 
 def flatten_config(config) -> dict[str, Any]:

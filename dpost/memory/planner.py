@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 HINTS = {
     "params": "shard the parameters over more devices (a larger mesh fsdp axis) or add tensor parallelism",
     "grads": "shard over more devices (mesh fsdp) or use grad_accum=1 (accumulation keeps a second gradient copy)",
-    "adam": "shard the optimizer state over more devices (a larger mesh fsdp axis), or set "
-            "{stage}.optimizer.moments_dtype=bfloat16",
+    "optimizer": "shard the optimizer state over more devices (a larger mesh fsdp axis), or set "
+            "{stage}.optimizer.moments_dtype=bfloat16 (and average_last=0: no averaged copy of the params)",
     "ref params": "use dpo.reference=precomputed (reference log-probs scored once, no reference weights in the step)",
     "weight copies": "set model.remat=full or dots (only two layers' all-gathered copies live at once)",
     "activations": "set model.remat=full (or dots, which keeps the matmul outputs), model.logits_chunk "
@@ -106,10 +106,12 @@ def _dtype_bytes(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
-def adam_bytes(param_bytes: int, moments_dtype: str) -> int:
-    """AdamW's two moments for fp32 params of `param_bytes`: the first in `moments_dtype`, the
-    second always fp32 (optax's mu_dtype covers only the first; dpost.training.optimizer)."""
-    return param_bytes + param_bytes * _dtype_bytes(moments_dtype) // 4
+def optimizer_bytes(param_bytes: int, opt_cfg) -> int:
+    """The optimizer state for fp32 params of `param_bytes`: AdamW's two moments, the first in
+    `moments_dtype`, the second always fp32 (optax's mu_dtype covers only the first), plus an fp32
+    copy of the params where `average_last` keeps a tail average (dpost.training.optimizer)."""
+    average = param_bytes if float(opt_cfg.get("average_last", 0.0)) > 0 else 0
+    return param_bytes + param_bytes * _dtype_bytes(opt_cfg.moments_dtype) // 4 + average
 
 
 def _method_stages(config) -> set:
@@ -211,7 +213,7 @@ def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory
     rows.append(StageRow(
         "sft", "sft" in used, f"{b} seq x {seq} tok",
         {"params": info.per_device, "grads": info.per_device * (2 if accum > 1 else 1),
-         "adam": adam_bytes(info.per_device, config.sft.optimizer.moments_dtype),
+         "optimizer": optimizer_bytes(info.per_device, config.sft.optimizer),
          "weight copies": copies_train, "activations": act_r if remat_on else act_n},
         act_r, act_n,
         notes={"activations": f"{b} sequences of {seq} tokens per device, remat {report.remat_words(remat)}"},
@@ -228,7 +230,7 @@ def plan(config, layout: Layout | Mapping[str, int] | None = None, device_memory
         in_step = reference == "in_step"
         pick = act_r if remat_on else act_n
         terms = {"params": info.per_device, "grads": info.per_device * (2 if accum > 1 else 1),
-                 "adam": adam_bytes(info.per_device, config.dpo.optimizer.moments_dtype)}
+                 "optimizer": optimizer_bytes(info.per_device, config.dpo.optimizer)}
         if in_step:
             terms["ref params"] = info.per_device
         terms["weight copies"] = copies_train

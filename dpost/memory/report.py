@@ -49,7 +49,7 @@ def format_plan(p) -> str:
         f"per-device {uname}; * = stage this config runs; act = activations, the one in the total marked <",
         "",
     ]
-    header = ["stage", "per device", "params", "grads", "adam", "ref", "w.copy", "act:remat", "act:full", "kv cache",
+    header = ["stage", "per device", "params", "grads", "optim", "ref", "w.copy", "act:remat", "act:full", "kv cache",
               "total", "use%", "verdict"]
     table = []
     for r in p.stages:
@@ -65,7 +65,7 @@ def format_plan(p) -> str:
         table.append([
             ("* " if r.used else "  ") + r.stage, r.batch,
             _cell(t.get("params"), unit), _cell(t.get("grads"), unit) if training else "-",
-            _cell(t.get("adam"), unit) if training else "-",
+            _cell(t.get("optimizer"), unit) if training else "-",
             _cell(t.get("ref params"), unit) if "ref params" in t else "-",
             _cell(t.get("weight copies"), unit), ar, an,
             _cell(t.get("kv cache"), unit) if "kv cache" in t else "-",

@@ -29,7 +29,14 @@ from dpost.training.loop import (
     steps_for_epochs,
 )
 from dpost.training.losses import LOSS_TYPES, dpo_loss, masked_nll, sft_loss
-from dpost.training.optimizer import OptimizerConfig, decay_mask, make_optimizer, make_schedule, warmup_steps
+from dpost.training.optimizer import (
+    OptimizerConfig,
+    decay_mask,
+    final_params,
+    make_optimizer,
+    make_schedule,
+    warmup_steps,
+)
 from dpost.training.state import TrainState, abstract_state, create_train_state, state_shardings
 from dpost.training.steps import (
     DPO_METRICS,
@@ -49,7 +56,7 @@ __all__ = [
     "CheckpointMismatchError", "Checkpointer", "DPOConfig", "DPO_METRICS", "LOSS_TYPES",
     "LoopConfig", "LoopResult", "MetricLogger", "OptimizerConfig", "Preempted", "PreemptionGuard", "Step",
     "TrainState", "abstract_state", "count_tokens", "create_train_state", "decay_mask",
-    "dpo_loss", "evaluate_dpo", "evaluate_sft", "make_dpo_eval_step", "make_dpo_step", "make_optimizer",
+    "dpo_loss", "evaluate_dpo", "evaluate_sft", "final_params", "make_dpo_eval_step", "make_dpo_step", "make_optimizer",
     "make_reference_fn", "make_schedule", "make_sft_eval_step", "make_sft_step", "masked_nll",
     "pair_token_logprobs", "put_batch", "reference_logps", "restore_params", "run", "sft_loss",
     "sft_token_logprobs", "state_shardings", "steps_for_epochs", "warmup_steps",

@@ -101,7 +101,7 @@ def test_check_run_still_refuses_a_known_model_that_does_not_fit():
 
 # -- against measured memory -----------------------------------------------------------------------
 
-def test_params_and_adam_match_a_created_train_state():
+def test_params_and_optimizer_state_match_a_created_train_state():
     from dpost import models, training
 
     config = load_config("arith_tiny")
@@ -112,7 +112,7 @@ def test_params_and_adam_match_a_created_train_state():
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     row = tiny_plan().stage("sft")
     assert within(row.terms["params"], nbytes(state.params), 0.01)
-    assert within(row.terms["adam"], nbytes(state.opt_state), 0.01)
+    assert within(row.terms["optimizer"], nbytes(state.opt_state), 0.01)
     assert row.terms["grads"] == row.terms["params"]
 
 
@@ -285,12 +285,12 @@ def test_logits_chunk_bounds_the_logits_term_of_decoder_only_models():
     assert sft_activations("flan_t5_base", **{"model.logits_chunk": 64}) == sft_activations("flan_t5_base")
 
 
-def test_bf16_first_moments_take_a_quarter_off_the_adam_term_of_their_stage():
+def test_bf16_first_moments_take_a_quarter_off_the_optimizer_term_of_their_stage():
     base = tiny_plan()
     bf16 = tiny_plan(**{"dpo.optimizer.moments_dtype": "bfloat16"})
     params = base.stage("sft").terms["params"]
-    assert base.stage("sft").terms["adam"] == bf16.stage("sft").terms["adam"] == 2 * params
-    assert bf16.stage("dpo (ref precomputed)").terms["adam"] == params + params // 2  # fp32 nu + bf16 mu
+    assert base.stage("sft").terms["optimizer"] == bf16.stage("sft").terms["optimizer"] == 2 * params
+    assert bf16.stage("dpo (ref precomputed)").terms["optimizer"] == params + params // 2  # fp32 nu + bf16 mu
 
 
 def test_in_step_reference_adds_reference_params():
