@@ -70,14 +70,16 @@ def summarize(runs: dict[str, list[dict]], split: str) -> dict:
                       "max": float(np.max(finals)), "values": finals},
             "per_iteration": {k: float(np.mean(v)) for k, v in sorted(per_iter.items())},
             "seeds": [r["seed"] for r in results],
+            "trainings_of_final": sorted({1 + len(r["final"].get("replicates", [])) for r in results}),
         }
     return out
 
 
 def predictions_path(run_dir: epath.Path, model: str, split: str) -> epath.Path:
-    """Where a run's evaluation of `model` ("sft_3": iter_3/eval_sft) wrote its per-question predictions."""
-    kind, iteration = model.split("_")
-    return run_dir / f"iter_{iteration}" / f"eval_{kind}" / f"predictions_{split}.jsonl"
+    """Where a run's evaluation of `model` ("sft_3": iter_3/eval_sft; a replicate "sft_3_r1":
+    iter_3/eval_sft_r1) wrote its per-question predictions."""
+    kind, iteration, *replicate = model.split("_")
+    return run_dir / f"iter_{iteration}" / "_".join([f"eval_{kind}", *replicate]) / f"predictions_{split}.jsonl"
 
 
 def read_correctness(path: epath.Path, n: int | None) -> dict[str, bool]:
@@ -99,7 +101,8 @@ def read_correctness(path: epath.Path, n: int | None) -> dict[str, bool]:
 
 
 def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: str) -> tuple[list[int], dict]:
-    """(seeds, {method: [seeds, questions] 0/1 array}) paired by seed and by question id."""
+    """(seeds, {method: [seeds, questions] array}) paired by seed and by question id: 1 where the final
+    model answered correctly; with replicates of the final stage, the fraction of them that did."""
     seeds = [r["seed"] for r in next(iter(runs.values()))]
     question_ids, reference, out = None, None, {}  # reference: the file that fixed the question order
     for method, results_list in runs.items():
@@ -109,14 +112,18 @@ def correctness_matrices(root: epath.Path, runs: dict[str, list[dict]], split: s
         rows = []
         for seed in seeds:
             final = by_seed[seed]["final"]
-            path = predictions_path(run_dir(root, method, seed), final["model"], split)
-            correct = read_correctness(path, final["eval"].get(split, {}).get("n"))
-            if question_ids is None:
-                question_ids, reference = list(correct), path
-            elif correct.keys() != set(question_ids):
-                raise ValueError(f"{path}: its questions differ from those of {reference}")
-            rows.append([correct[q] for q in question_ids])
-        out[method] = np.asarray(rows, dtype=np.int8)
+            models = [final["model"]] + [rep["model"] for rep in final.get("replicates", [])]
+            row = np.zeros(len(question_ids or ()))
+            for model in models:
+                path = predictions_path(run_dir(root, method, seed), model, split)
+                correct = read_correctness(path, final["eval"].get(split, {}).get("n"))
+                if question_ids is None:
+                    question_ids, reference, row = list(correct), path, np.zeros(len(correct))
+                elif correct.keys() != set(question_ids):
+                    raise ValueError(f"{path}: its questions differ from those of {reference}")
+                row += np.asarray([correct[q] for q in question_ids], dtype=np.float64)
+            rows.append(row / len(models))
+        out[method] = np.asarray(rows, dtype=np.float64)
     return seeds, out
 
 
@@ -206,6 +213,11 @@ def markdown(summary: dict, split: str, config_path: str, differences: list[dict
         lines.append(f"| {method} | {f['mean']:.1f} ± {f['std']:.1f} | {per_seed} | "
                      + " | ".join(f"{s['per_iteration'][k]:.1f}" if k in s["per_iteration"] else "-" for k in iters)
                      + " |")
+    trainings = sorted({n for s in summary.values() for n in s.get("trainings_of_final", [1])})
+    if trainings != [1]:
+        lines += ["", f"Final accuracy of a run: the mean over {' or '.join(map(str, trainings))} trainings of its "
+                  "last SFT stage on the same data (`eval.final_replicates`; replicate 0 is the protocol's model, "
+                  "the iteration columns show it alone); the paired intervals below pair those means."]
     if differences:
         level = stats.level_name(differences[0]["bootstrap"]["level"])
         lines += ["", f"## Paired differences of the final models on {split}", "",

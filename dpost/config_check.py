@@ -197,6 +197,7 @@ def rules() -> dict[str, Rule]:
         "eval.checkpoint": _weights_source(allow_scratch=False, allow_empty=True),  # required in mode=eval: below
         "eval.every_stage": BOOLEAN,
         "eval.pass_at_k": integer(0),
+        "eval.final_replicates": integer(1),
         "eval.pass_at_k_temperature": number(0),
         "pretrain.corpus.n": integer(1),
         "pretrain.corpus.seed": integer(0),

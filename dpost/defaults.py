@@ -178,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
             every_stage=True,  # evaluate SFT_k and DPO_k after each stage
             pass_at_k=0,  # > 0: also sample k rationales per question for pass@k and maj@k
             pass_at_k_temperature=0.7,
+            # > 1: the run's last SFT stage is trained this many times on the same data (replicate 0 is
+            # the protocol's model; replicate j its seed salted by j), each evaluated; the run's final
+            # accuracy is their mean: the last stage's own training noise averaged out of a comparison
+            final_replicates=1,
         )
     )
 

@@ -9,6 +9,7 @@
         L     = pseudo_labels(S' + earlier DPO samples, gold)
         SFT_k = SFT(M0, L)                                         # restarts from M0
         evaluate SFT_k (and DPO_k)
+    SFT_K again with other seeds, if eval.final_replicates > 1     # the final accuracy: their mean
 
 `method=st` drops the DPO step (pseudo-labels come from SFT_{k-1}); `method=sft` stops after the
 warm-up. Each stage is one call into `dpost.stages`, run through `StageDir.cached` in
@@ -91,7 +92,8 @@ def run(config, workdir: str, config_path: str = "") -> dict:
     config_check.check(config)  # also for callers of the API; python -m dpost.main checked it already
     compile_cache.enable(config)
     r = setup(config, workdir, config_path)
-    sft, trained = train_sft(r, 0, stages.gold_labels(r.task.train, r.family))  # warm-up: SFT_0
+    examples = stages.gold_labels(r.task.train, r.family)
+    sft, trained = train_sft(r, 0, examples)  # warm-up: SFT_0
     entries = [reports.sft_entry(0, trained, evaluate(r, 0, "sft", sft))]
     pair_rounds, label_rounds = [], []  # each round's samples per question, pooled by the builders
     iterations = 0 if config.method == "sft" else config.iterations
@@ -108,19 +110,34 @@ def run(config, workdir: str, config_path: str = "") -> dict:
             labeler, labeler_name = sft, reports.model_name("sft", k - 1)
         samples, sampled = sample(r, k, LABEL_SAMPLING, labeler)
         label_rounds.append(samples)
-        labels, built = pseudo_labels(r, k, label_rounds)
-        sft, trained = train_sft(r, k, labels)
+        examples, built = pseudo_labels(r, k, label_rounds)
+        sft, trained = train_sft(r, k, examples)
         entries.append(reports.sft_entry(k, trained, evaluate(r, k, "sft", sft), samples=sampled,
                                          sampled_by=labeler_name, labels=built))
-    return write_results(r, entries)
+    replicates = [replicate_sft(r, iterations, examples, j) for j in range(1, config.eval.final_replicates)]
+    return write_results(r, entries, replicates)
 
 
 # -- stages: each returns (its result, its manifest) -----------------------------------------------
 
-def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]]) -> tuple[ModelBundle, dict]:
-    stage = r.stage(iteration, "sft")
-    return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=r.seed(iteration, Salt.SFT),
-                                                 layout=r.layout), load=r.load)
+def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]], replicate: int = 0) -> tuple[ModelBundle, dict]:
+    stage = r.stage(iteration, "sft" + _replicate_suffix(replicate))
+    seed = r.seed(iteration, Salt.SFT) if not replicate else stages.stage_seed(r.config.seed, iteration, Salt.SFT,
+                                                                                replicate)
+    return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=seed, layout=r.layout),
+                        load=r.load)
+
+
+def replicate_sft(r: Run, iteration: int, examples: list[tuple[str, str]], replicate: int) -> dict:
+    """The last SFT stage trained again on its data with the replicate's seed, and evaluated: its
+    entry in results.json's `final.replicates`."""
+    model, trained = train_sft(r, iteration, examples, replicate)
+    return reports.replicate_entry(reports.model_name("sft", iteration, replicate), trained,
+                                   evaluate(r, iteration, "sft", model, replicate))
+
+
+def _replicate_suffix(replicate: int) -> str:
+    return f"_r{replicate}" if replicate else ""
 
 
 def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict]) -> tuple[ModelBundle, dict]:
@@ -159,10 +176,10 @@ def pseudo_labels(r: Run, iteration: int, rounds: list[dict]) -> tuple[list[tupl
     return [(formatting.format_prompt(r.family, row["question"]), row["target"]) for row in rows], manifest
 
 
-def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle) -> dict:
+def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle, replicate: int = 0) -> dict:
     """The evaluation of the model that stage `trained_by` ("sft" | "dpo") made in `iteration`."""
-    name = reports.model_name(trained_by, iteration)
-    stage = r.stage(iteration, f"eval_{trained_by}")
+    name = reports.model_name(trained_by, iteration, replicate)
+    stage = r.stage(iteration, f"eval_{trained_by}" + _replicate_suffix(replicate))
 
     def run_evaluation():
         results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, layout=r.layout,
@@ -174,10 +191,10 @@ def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle) -> dic
     return manifest["eval"]
 
 
-def write_results(r: Run, entries: list[dict]) -> dict:
+def write_results(r: Run, entries: list[dict], replicates: list[dict]) -> dict:
     # Every process builds the same document (from manifests read back from the workdir); process 0 writes it.
     results = reports.results_document(r.rundir.config_path, r.config.method, r.config.seed, entries,
-                                       pretrain=r.pretrain)
+                                       pretrain=r.pretrain, replicates=replicates)
     if jax.process_index() == 0:
         reports.write_json(r.rundir.root / "results.json", results)
         split = "test" if "test" in r.task.eval_sets else next(iter(r.task.eval_sets), "test")

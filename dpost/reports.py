@@ -22,9 +22,10 @@ SAMPLED_FIELDS = ("num_samples", "questions", "pass_at_1", "pass_at_n", "questio
 LABEL_FIELDS = ("pseudo_labels", "beyond_gold", "correct_samples", "distinct_samples", "after_dedup", "cap")
 
 
-def model_name(stage: str, iteration: int) -> str:
-    """How results.json names the model of a training stage: sft_0, dpo_1, sft_1, ..."""
-    return f"{stage}_{iteration}"
+def model_name(stage: str, iteration: int, replicate: int = 0) -> str:
+    """How results.json names the model of a training stage: sft_0, dpo_1, sft_1, ...; replicate j > 0
+    of the last SFT stage (`eval.final_replicates`): sft_3_r1, ..."""
+    return f"{stage}_{iteration}" + (f"_r{replicate}" if replicate else "")
 
 
 def sampled(samples: dict, model: str) -> dict:
@@ -60,6 +61,11 @@ def dpo_entry(iteration: int, trained: dict, evaluation: dict, *, samples: dict,
             "eval": evaluation, "sampled": sampled(samples, model_name("sft", iteration - 1))}
 
 
+def replicate_entry(model: str, trained: dict, evaluation: dict) -> dict:
+    """A replicate of the last SFT stage: the same data, another seed (`eval.final_replicates`)."""
+    return {"model": model, **_cost(trained), "eval": evaluation}
+
+
 def eval_entry(model: str, evaluation: dict) -> dict:
     """mode=eval's one entry: a model evaluated alone, nothing trained."""
     return {"iteration": 0, "stage": "eval", "model": model, "eval": evaluation, "seconds": 0.0, "flops": 0.0}
@@ -67,16 +73,37 @@ def eval_entry(model: str, evaluation: dict) -> dict:
 
 # -- documents -------------------------------------------------------------------------------------
 
-def final_entry(stages: Sequence[dict]) -> dict:
-    """The last SFT model of the run and its evaluation (the method's result)."""
+def final_entry(stages: Sequence[dict], replicates: Sequence[dict] = ()) -> dict:
+    """The last SFT model of the run and its evaluation (the method's result). With replicates of
+    that stage, `eval` is the mean over it and them (per split: accuracy and invalid averaged, n
+    the questions each saw) and `replicates` lists theirs."""
     sft = [s for s in stages if s["stage"] == "sft"]
     last = sft[-1] if sft else stages[-1]
-    return {"model": last["model"], "eval": last.get("eval", {})}
+    final = {"model": last["model"], "eval": last.get("eval", {})}
+    if replicates:
+        final["eval"] = mean_eval([final["eval"]] + [r["eval"] for r in replicates])
+        final["replicates"] = list(replicates)
+    return final
 
 
-def results_document(config_path: str, method: str, seed: int, stages: list[dict], pretrain: dict | None = None) -> dict:
-    """results.json (design.md schema); `pretrain`: M0's pre-training, reported apart from the stages."""
-    results = {"config": config_path, "method": method, "seed": seed, "stages": stages, "final": final_entry(stages)}
+def mean_eval(evaluations: Sequence[dict]) -> dict:
+    """Per split, the mean accuracy and invalid rate of several models' evaluations on it."""
+    out = {}
+    for split in evaluations[0]:
+        runs = [e[split] for e in evaluations]
+        if len({r["n"] for r in runs}) != 1:
+            raise ValueError(f"replicates evaluated on different numbers of {split} questions: {[r['n'] for r in runs]}")
+        out[split] = {"accuracy": float(np.mean([r["accuracy"] for r in runs])),
+                      "invalid": float(np.mean([r.get("invalid", 0.0) for r in runs])), "n": runs[0]["n"]}
+    return out
+
+
+def results_document(config_path: str, method: str, seed: int, stages: list[dict], pretrain: dict | None = None,
+                     replicates: Sequence[dict] = ()) -> dict:
+    """results.json (design.md schema); `pretrain`: M0's pre-training, reported apart from the stages;
+    `replicates`: the last SFT stage's replicates (`eval.final_replicates`)."""
+    results = {"config": config_path, "method": method, "seed": seed, "stages": stages,
+               "final": final_entry(stages, replicates)}
     if pretrain is not None:
         results["pretrain"] = pretrain
     return results
@@ -101,8 +128,12 @@ def markdown_report(results: dict) -> str:
                   f"{st.get('flops', 0):.3g}"]
         out.write("| " + " | ".join(cells) + " |\n")
     final = results["final"]
+    replicates = final.get("replicates", [])
     out.write(f"\nFinal model: `{final['model']}`: "
-              + ", ".join(f"{s} {100 * v['accuracy']:.1f}% (n={v['n']})" for s, v in final["eval"].items()) + "\n")
+              + ", ".join(f"{s} {100 * v['accuracy']:.1f}% (n={v['n']})" for s, v in final["eval"].items())
+              + (f" (mean over it and its {len(replicates)} replicates: "
+                 + "; ".join(f"`{r['model']}` " + ", ".join(f"{s} {_fmt_acc(r, s)}%" for s in r["eval"])
+                             for r in replicates) + ")" if replicates else "") + "\n")
     rows = diagnostics_rows(results)
     if rows:
         out.write("\n## Sampling diagnostics per iteration\n\n" + DIAGNOSTICS_NOTE + "\n\n" + diagnostics_table(rows))

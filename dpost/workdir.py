@@ -34,7 +34,7 @@ LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "samp
 # at that default a field is left out of the hash and the config guard, so earlier runs keep their
 # stage hashes and resume.
 ADDED_FIELDS = {"model.scan_layers": True, "data.synthetic.n_test_extra": 0, "pairs.select": "least_similar",
-                "pairs.rejected": "sample", "dpo.count": "all",
+                "pairs.rejected": "sample", "dpo.count": "all", "eval.final_replicates": 1,
                 **{f"{stage}.optimizer.moments_dtype": "float32" for stage in ("sft", "dpo", "pretrain")},
                 **{f"{stage}.optimizer.average_last": 0.0 for stage in ("sft", "dpo", "pretrain")}}
 

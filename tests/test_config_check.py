@@ -90,6 +90,8 @@ NUMERIC = [
     ("sft.optimizer.warmup_ratio", 1.2, "a number in [0, 1]"),
     ("dpo.optimizer.b2", 1.0, "a number in [0, 1)"),
     ("pseudo_labels.cap_percentile", 0, "a number in (0, 100]"),
+    ("eval.final_replicates", 0, "an integer >= 1"),
+    ("sft.optimizer.average_last", 1.5, "a number in [0, 1]"),
     ("mesh.fsdp", 0, "an integer >= 1, or -1 (all remaining devices)"),
     ("progress", "yes", "True or False"),
     ("sampling.labels.length_buckets", (128, 0), "a tuple of integers >= 1"),

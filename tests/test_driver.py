@@ -193,6 +193,39 @@ def test_other_methods_end_to_end(request, method, stages):
     assert not os.path.exists(os.path.join(workdir, "iter_1", "dpo"))
 
 
+def test_final_replicates_average_the_last_stage_and_leave_the_protocol_alone(tmp_path, st_run):
+    """eval.final_replicates=3: SFT_1 is trained twice more on its labels with other seeds; the
+    protocol's stages are those of the run without replicates; the final accuracy and the
+    comparison's per-question correctness are the means over the three evaluations."""
+    from dpost import compare
+
+    run_main(tmp_path, "--config.method=st", WHOLE_HEAD, "--config.eval.final_replicates=3")
+    results, plain = load_results(tmp_path), load_results(st_run)
+    assert comparable(results["stages"]) == comparable(plain["stages"])
+    final = results["final"]
+    assert final["model"] == "sft_1" and [r["model"] for r in final["replicates"]] == ["sft_1_r1", "sft_1_r2"]
+    losses = []
+    for name in ("sft", "sft_r1", "sft_r2"):
+        with open(os.path.join(tmp_path, "iter_1", name, "manifest.json")) as f:
+            manifest = json.load(f)
+        assert manifest["examples"] == plain["stages"][1]["pseudo_labels"]  # the same data each time
+        losses.append(manifest["final_loss"])
+    assert len(set(losses)) == 3  # other seeds: other batch orders
+    for split in ("dev", "test"):
+        files = [os.path.join(tmp_path, "iter_1", folder, f"predictions_{split}.jsonl")
+                 for folder in ("eval_sft", "eval_sft_r1", "eval_sft_r2")]
+        per_model = [[json.loads(line)["correct"] for line in open(f)] for f in files]
+        want = sum(sum(map(float, rows)) / len(rows) for rows in per_model) / 3
+        assert abs(final["eval"][split]["accuracy"] - want) < 1e-12
+    root = tmp_path / "cmp"
+    (root / "st").mkdir(parents=True)
+    os.symlink(tmp_path, root / "st" / "seed_0")
+    _, matrices = compare.correctness_matrices(epath.Path(root), {"st": [results]}, "test")
+    assert abs(matrices["st"].mean() - final["eval"]["test"]["accuracy"]) < 1e-12
+    assert set(matrices["st"].ravel()) <= {0, 1 / 3, 2 / 3, 1}
+    assert "mean over it and its 2 replicates" in (tmp_path / "report.md").read_text()
+
+
 def test_dropout_reaches_the_sft_stage(sft_run, st_run):
     """model.dropout changes the warm-up's training (same config and seed otherwise: the warm-up
     does not depend on the method)."""

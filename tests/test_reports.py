@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from etils import epath
 
 from dpost import reports
@@ -103,3 +104,29 @@ def test_sft_entries_of_the_warm_up_and_of_an_iteration():
                             labels={"pseudo_labels": 9, "questions": 2, "beyond_gold": 7})
     assert "correct_samples" not in old and reports.diagnostics_rows(
         {"stages": [old]})[0]["correct_samples"] is None
+
+
+def test_final_entry_averages_the_last_stage_and_its_replicates():
+    """Hand-computed: accuracies 0.5, 0.75, 0.25 -> 0.5; invalid 0, 0.25, 0.5 -> 0.25."""
+    stages = [{"iteration": 0, "stage": "sft", "model": "sft_0",
+               "eval": {"test": {"accuracy": 0.5, "invalid": 0.0, "n": 4}}}]
+    replicates = [reports.replicate_entry("sft_0_r1", {"seconds": 2.0, "flops": 3.0},
+                                          {"test": {"accuracy": 0.75, "invalid": 0.25, "n": 4}}),
+                  reports.replicate_entry("sft_0_r2", {}, {"test": {"accuracy": 0.25, "invalid": 0.5, "n": 4}})]
+    final = reports.final_entry(stages, replicates)
+    assert final["model"] == "sft_0" and final["eval"] == {"test": {"accuracy": 0.5, "invalid": 0.25, "n": 4}}
+    assert final["replicates"][0] == {"model": "sft_0_r1", "seconds": 2.0, "flops": 3.0,
+                                      "eval": {"test": {"accuracy": 0.75, "invalid": 0.25, "n": 4}}}
+    assert reports.final_entry(stages) == {"model": "sft_0", "eval": stages[0]["eval"]}  # no replicates: as before
+    assert reports.model_name("sft", 3, 2) == "sft_3_r2" and reports.model_name("sft", 3) == "sft_3"
+    replicates[1]["eval"]["test"]["n"] = 5
+    with pytest.raises(ValueError, match="different numbers of test questions"):
+        reports.final_entry(stages, replicates)
+
+
+def test_predictions_of_a_replicate_lie_in_its_own_eval_folder():
+    from dpost import compare
+
+    run = epath.Path("/runs/st/seed_3")
+    assert compare.predictions_path(run, "sft_3", "test") == run / "iter_3" / "eval_sft" / "predictions_test.jsonl"
+    assert compare.predictions_path(run, "sft_3_r2", "dev") == run / "iter_3" / "eval_sft_r2" / "predictions_dev.jsonl"
