@@ -180,7 +180,8 @@ def base_config() -> ml_collections.ConfigDict:
             pass_at_k_temperature=0.7,
             # > 1: the run's last SFT stage is trained this many times on the same data (replicate 0 is
             # the protocol's model; replicate j its seed salted by j), each evaluated; the run's final
-            # accuracy is their mean: the last stage's own training noise averaged out of a comparison
+            # accuracy is their mean: the last stage's own training noise averaged out of a comparison.
+            # No stage depends on it: rerunning a finished run with more replicates adds only them
             final_replicates=1,
         )
     )

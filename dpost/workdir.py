@@ -26,7 +26,10 @@ MANIFEST = "manifest.json"
 CACHE_ENV = "DPOST_CACHE_DIR"
 CONFIG_FILE = "config.json"
 # Fields that may change between reruns without invalidating finished stages.
-RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.cache_dir", "compilation_cache")
+# Fields no stage's result depends on: left out of the hashes and the config guard. eval.final_replicates
+# only adds stages (replicates of the last SFT stage), so a finished run can be measured again with more.
+RUNTIME_FIELDS = ("progress", "mode", "eval.checkpoint", "log_every", "pretrain.cache_dir", "compilation_cache",
+                  "eval.final_replicates")
 # Fields the warm-up (iteration 0: SFT_0 and its evaluation) does not depend on: runs of different
 # methods with one seed share SFT_0 (`dpost.compare` copies it instead of training it again).
 LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "sampling.pairs.", "sampling.labels.")
@@ -34,7 +37,7 @@ LOOP_FIELDS = ("method", "iterations", "dpo.", "pairs.", "pseudo_labels.", "samp
 # at that default a field is left out of the hash and the config guard, so earlier runs keep their
 # stage hashes and resume.
 ADDED_FIELDS = {"model.scan_layers": True, "data.synthetic.n_test_extra": 0, "pairs.select": "least_similar",
-                "pairs.rejected": "sample", "dpo.count": "all", "eval.final_replicates": 1,
+                "pairs.rejected": "sample", "dpo.count": "all",
                 **{f"{stage}.optimizer.moments_dtype": "float32" for stage in ("sft", "dpo", "pretrain")},
                 **{f"{stage}.optimizer.average_last": 0.0 for stage in ("sft", "dpo", "pretrain")}}
 

@@ -194,12 +194,20 @@ def test_other_methods_end_to_end(request, method, stages):
 
 
 def test_final_replicates_average_the_last_stage_and_leave_the_protocol_alone(tmp_path, st_run):
-    """eval.final_replicates=3: SFT_1 is trained twice more on its labels with other seeds; the
-    protocol's stages are those of the run without replicates; the final accuracy and the
-    comparison's per-question correctness are the means over the three evaluations."""
+    """A finished st run rerun with eval.final_replicates=3: SFT_1 is trained twice more on its labels
+    with other seeds and nothing else runs again; the final accuracy and the comparison's
+    per-question correctness are the means over the three evaluations."""
+    import shutil
+
     from dpost import compare
 
+    shutil.copytree(st_run, tmp_path, dirs_exist_ok=True)
+    manifests = {}
+    for root, _, files in os.walk(tmp_path):
+        if "manifest.json" in files:
+            manifests[os.path.join(root, "manifest.json")] = os.stat(os.path.join(root, "manifest.json")).st_mtime_ns
     run_main(tmp_path, "--config.method=st", WHOLE_HEAD, "--config.eval.final_replicates=3")
+    assert {p: os.stat(p).st_mtime_ns for p in manifests} == manifests  # no stage of the run ran again
     results, plain = load_results(tmp_path), load_results(st_run)
     assert comparable(results["stages"]) == comparable(plain["stages"])
     final = results["final"]
