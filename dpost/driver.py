@@ -80,8 +80,9 @@ class Run:
     def load(self, stage: StageDir) -> ModelBundle:
         return stages.load_stage_model(stage, self.layout, self.config.model.dtype)
 
-    def seed(self, iteration: int, salt: Salt) -> int:
-        return stages.stage_seed(self.config.seed, iteration, salt)
+    def seed(self, iteration: int, salt: Salt, replicate: int = 0) -> int:
+        """Replicate j > 0 of a stage (`eval.final_replicates`) salts its seed once more, by j."""
+        return stages.stage_seed(self.config.seed, iteration, salt, *([replicate] if replicate else []))
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -122,8 +123,7 @@ def run(config, workdir: str, config_path: str = "") -> dict:
 
 def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]], replicate: int = 0) -> tuple[ModelBundle, dict]:
     stage = r.stage(iteration, "sft" + _replicate_suffix(replicate))
-    seed = r.seed(iteration, Salt.SFT) if not replicate else stages.stage_seed(r.config.seed, iteration, Salt.SFT,
-                                                                                replicate)
+    seed = r.seed(iteration, Salt.SFT, replicate)
     return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=seed, layout=r.layout),
                         load=r.load)
 
