@@ -122,7 +122,7 @@ def run(config, workdir: str, config_path: str = "") -> dict:
 # -- stages: each returns (its result, its manifest) -----------------------------------------------
 
 def train_sft(r: Run, iteration: int, examples: list[tuple[str, str]], replicate: int = 0) -> tuple[ModelBundle, dict]:
-    stage = r.stage(iteration, "sft" + _replicate_suffix(replicate))
+    stage = r.stage(iteration, "sft" + reports.replicate_suffix(replicate))
     seed = r.seed(iteration, Salt.SFT, replicate)
     return stage.cached(lambda: stages.sft_stage(r.base, examples, r.config, stage, seed=seed, layout=r.layout),
                         load=r.load)
@@ -134,10 +134,6 @@ def replicate_sft(r: Run, iteration: int, examples: list[tuple[str, str]], repli
     model, trained = train_sft(r, iteration, examples, replicate)
     return reports.replicate_entry(reports.model_name("sft", iteration, replicate), trained,
                                    evaluate(r, iteration, "sft", model, replicate))
-
-
-def _replicate_suffix(replicate: int) -> str:
-    return f"_r{replicate}" if replicate else ""
 
 
 def train_dpo(r: Run, iteration: int, policy: ModelBundle, pairs: list[dict]) -> tuple[ModelBundle, dict]:
@@ -179,7 +175,7 @@ def pseudo_labels(r: Run, iteration: int, rounds: list[dict]) -> tuple[list[tupl
 def evaluate(r: Run, iteration: int, trained_by: str, model: ModelBundle, replicate: int = 0) -> dict:
     """The evaluation of the model that stage `trained_by` ("sft" | "dpo") made in `iteration`."""
     name = reports.model_name(trained_by, iteration, replicate)
-    stage = r.stage(iteration, f"eval_{trained_by}" + _replicate_suffix(replicate))
+    stage = r.stage(iteration, f"eval_{trained_by}" + reports.replicate_suffix(replicate))
 
     def run_evaluation():
         results = evaluation.evaluate_with_config(model, r.task.eval_sets, r.config, layout=r.layout,

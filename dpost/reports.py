@@ -25,7 +25,12 @@ LABEL_FIELDS = ("pseudo_labels", "beyond_gold", "correct_samples", "distinct_sam
 def model_name(stage: str, iteration: int, replicate: int = 0) -> str:
     """How results.json names the model of a training stage: sft_0, dpo_1, sft_1, ...; replicate j > 0
     of the last SFT stage (`eval.final_replicates`): sft_3_r1, ..."""
-    return f"{stage}_{iteration}" + (f"_r{replicate}" if replicate else "")
+    return f"{stage}_{iteration}" + replicate_suffix(replicate)
+
+
+def replicate_suffix(replicate: int) -> str:
+    """What names a replicate's model and stage directories apart from the protocol's own (replicate 0)."""
+    return f"_r{replicate}" if replicate else ""
 
 
 def sampled(samples: dict, model: str) -> dict:
