@@ -52,7 +52,9 @@ difference.
   CI [-1.9, +3.6]: no difference (docs/experiments.md). Seventh final (seeds 42-48, this config
   unchanged, pre-registered, each run's final accuracy the mean over four trainings of its last SFT
   stage: `--config.eval.final_replicates=4`): DPO-ST - ST +2.2, 95% CI [+0.5, +4.0] (98.33%: [+0.0,
-  +4.3]); the protocol's models alone (replicate 0) +0.1 [-2.1, +2.3] (README).
+  +4.3]); the protocol's models alone (replicate 0) +0.1 [-2.1, +2.3] (README). Eighth final (seeds
+  50-57, the seventh's plan unchanged, pre-registered as its confirmation): +0.3 [-2.6, +3.1], not
+  confirmed; seeds 42-57 pooled +1.2 [-0.7, +3.0]: no difference (README).
 All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
 moved ST's final from 82% to 94% and 49.5% (docs/experiments.md): these results hold for that M0.
 `model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
