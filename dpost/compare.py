@@ -23,6 +23,10 @@ first (Bonferroni).
 `--report_only` trains nothing: it writes the tables from runs that have finished (each run's
 results.json and its final model's predictions), e.g. to pool two comparisons' runs: link their
 <method>/seed_<s> folders under one WORKDIR and list all their seeds.
+
+`--protocol_models`: runs with `eval.final_replicates` > 1 are judged by the protocol's own last
+model alone (replicate 0), as runs without replicates are, e.g. to pool comparisons made with and
+without replicates.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ _JOBS = flags.DEFINE_integer("jobs", 1, "Runs at a time, each in its own process
                              lower_bound=1)
 _LEVEL = flags.DEFINE_float("level", stats.LEVEL, "Level of the paired intervals, between 0 and 1 (see above).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the tables from finished runs; train nothing.")
+_PROTOCOL_MODELS = flags.DEFINE_bool(
+    "protocol_models", False, "Each run's own last SFT model alone (replicate 0): the retrainings of "
+    "eval.final_replicates left out of the tables and intervals (see above).")
 flags.register_validator("level", lambda level: 0 < level < 1, message="--level must lie between 0 and 1")
 
 
@@ -71,6 +78,7 @@ def summarize(runs: dict[str, list[dict]], split: str) -> dict:
             "per_iteration": {k: float(np.mean(v)) for k, v in sorted(per_iter.items())},
             "seeds": [r["seed"] for r in results],
             "trainings_of_final": sorted({1 + len(r["final"].get("replicates", [])) for r in results}),
+            "replicates_left_out": sum(r["final"].get("replicates_left_out", 0) for r in results),
         }
     return out
 
@@ -218,6 +226,10 @@ def markdown(summary: dict, split: str, config_path: str, differences: list[dict
         lines += ["", f"Final accuracy of a run: the mean over {' or '.join(map(str, trainings))} trainings of its "
                   "last SFT stage on the same data (`eval.final_replicates`; replicate 0 is the protocol's model, "
                   "the iteration columns show it alone); the paired intervals below pair those means."]
+    left_out = sum(s.get("replicates_left_out", 0) for s in summary.values())
+    if left_out:
+        lines += ["", f"Final accuracy of a run: the protocol's own last SFT model alone (replicate 0); the "
+                  f"{left_out} retrainings of last stages (`eval.final_replicates`) are left out (--protocol_models)."]
     if differences:
         level = stats.level_name(differences[0]["bootstrap"]["level"])
         lines += ["", f"## Paired differences of the final models on {split}", "",
@@ -422,6 +434,8 @@ def main(argv) -> int:
             runs = run_in_parallel(base, root, methods, seeds, config_path, _JOBS.value)
         else:
             runs = run_sequentially(base, root, methods, seeds, config_path)
+        if _PROTOCOL_MODELS.value:
+            runs = {method: [reports.protocol_final(r) for r in results] for method, results in runs.items()}
         split = "test" if "test" in base.data.eval_splits else base.data.eval_splits[0]
         doc = write_comparison(root, runs, methods, split, config_path, _LEVEL.value)
     except Stopped as err:

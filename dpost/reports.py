@@ -91,6 +91,14 @@ def final_entry(stages: Sequence[dict], replicates: Sequence[dict] = ()) -> dict
     return final
 
 
+def protocol_final(results: dict) -> dict:
+    """`results` with its final entry as the protocol's own last SFT model alone (replicate 0): the
+    retrainings of `eval.final_replicates` left out, counted in `final["replicates_left_out"]`."""
+    final = final_entry(results["stages"])
+    final["replicates_left_out"] = len(results["final"].get("replicates", []))
+    return {**results, "final": final}
+
+
 def mean_eval(evaluations: Sequence[dict]) -> dict:
     """Per split, the mean accuracy and invalid rate of several models' evaluations on it."""
     out = {}

@@ -252,3 +252,41 @@ def test_level_outside_zero_and_one_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "--level must lie between 0 and 1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cmp").exists()
+
+
+def test_protocol_models_leave_the_replicates_out(tmp_path):
+    """Runs whose last stage was retrained (eval.final_replicates): by default each st run counts as
+    the mean of its two models; with --protocol_models as its own last model alone, which gives the
+    tables of the same runs without replicates."""
+    plain_root, root = epath.Path(tmp_path) / "plain", epath.Path(tmp_path) / "replicated"
+    plain = write_runs(plain_root)
+    compare.write_comparison(plain_root, plain, ["sft", "st", "dpo_st"], "test", "configs/arith_tiny.py")
+    expected = json.loads((plain_root / "comparison.json").read_text())
+    runs = write_runs(root)
+    for results in runs["st"]:  # a replicate that answers every question wrong
+        run = root / "st" / f"seed_{results['seed']}"
+        evaluation = {"test": {"accuracy": 0.0, "n": len(QUESTIONS)}}
+        results["final"] = reports.final_entry(results["stages"], [reports.replicate_entry(
+            "sft_2_r1", {"seconds": 1.0, "flops": 1.0}, evaluation)])
+        path = compare.predictions_path(run, "sft_2_r1", "test")
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps({"id": q, "correct": False}) + "\n" for q in QUESTIONS))
+    for method, results_list in runs.items():
+        for results in results_list:
+            (root / method / f"seed_{results['seed']}" / "results.json").write_text(json.dumps(results))
+
+    proc = run_compare("--report_only", "--seeds=0,1,2", f"--workdir={root}")
+    assert proc.returncode == 0, proc.stderr
+    averaged = json.loads((root / "comparison.json").read_text())
+    st_sft = {(d["a"], d["b"]): d["bootstrap"]["mean"] for d in averaged["differences"]}[("st", "sft")]
+    # st's per-seed accuracy halves (40, 80, 20 -> 20, 40, 10 %) against sft's 20, 40, 0 %
+    assert st_sft == pytest.approx(np.mean([20 - 20, 40 - 40, 10 - 0]))
+
+    proc = run_compare("--report_only", "--protocol_models", "--seeds=0,1,2", f"--workdir={root}")
+    assert proc.returncode == 0, proc.stderr
+    protocol = json.loads((root / "comparison.json").read_text())
+    assert protocol["differences"] == expected["differences"]
+    assert protocol["summary"]["st"]["final"] == expected["summary"]["st"]["final"]
+    assert protocol["summary"]["st"]["replicates_left_out"] == 3
+    assert "the 3 retrainings of last stages (`eval.final_replicates`) are left out" in \
+        (root / "comparison.md").read_text()
