@@ -60,11 +60,6 @@ def is_correct(pred: float | None, gold: float) -> bool:
     return pred is not None and abs(pred - gold) < TOLERANCE
 
 
-def is_correct_text(completion: str, gold: float) -> bool:
-    """``is_correct(extract_answer(completion), gold)``."""
-    return is_correct(extract_answer(completion), gold)
-
-
 def data_dir() -> Path:
     """Folder holding ``gsm8k/`` and the OOD sets: ``$DPOST_DATA_DIR`` or the shared default."""
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)

@@ -179,18 +179,6 @@ def _tokenize_all(items: list[Item], max_prompt_len: int, max_completion_len: in
     return Tokenized(kept, n_filtered)
 
 
-def num_batches(n_items: int, batch_size: int, *, num_epochs: int = 1, shard_count: int = 1,
-                drop_remainder: bool = True) -> int:
-    """Batches per host that ``make_loader`` yields for ``n_items`` items over ``num_epochs``.
-
-    Training batches run on across epoch boundaries (only the very last partial batch is
-    dropped), so ``num_epochs`` epochs take ``floor(num_epochs * n_per_host / batch_size)`` steps.
-    """
-    if drop_remainder:
-        return (n_items // shard_count) * num_epochs // batch_size
-    return -(-n_items // (shard_count * batch_size)) * num_epochs
-
-
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
         import grain

@@ -115,11 +115,6 @@ def equation(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
     return f"{expr}=<<{expr}={r}>>{r}"
 
 
-def rationale_line(op: str, x: int, k: int, r: int, swap: bool = False) -> str:
-    """One step's line in the ``equations`` style: the equation only."""
-    return equation(op, x, k, r, swap)
-
-
 def _sentence_rationale(rng: random.Random, name: str, item: str, start: int,
                         steps: Sequence[tuple[str, int, int, int, bool]]) -> list[str]:
     """One ``sentences``-style rationale: optional opening, a phrasing per step, optional closing."""

@@ -8,7 +8,7 @@ sharding, so a large model never has to sit whole on one device. Export runs the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -89,6 +89,3 @@ def export_tensors(rules: list[TensorRule], params: Mapping, num_layers: int) ->
             tensors[rule.name] = np.ascontiguousarray(rule.to_external(value))
     return tensors
 
-
-def tree_paths(tree: Any) -> list[tuple[str, ...]]:
-    return list(traverse_util.flatten_dict(dict(tree)).keys())

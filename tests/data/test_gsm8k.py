@@ -45,8 +45,8 @@ def test_is_correct():
     assert is_correct(72.00001, 72.0)
     assert not is_correct(72.0001, 72.0)
     assert not is_correct(None, 72.0)
-    assert gsm8k.is_correct_text("x #### 1,800", 1800.0)
-    assert not gsm8k.is_correct_text("x #### 18", 1800.0)
+    assert is_correct(extract_answer("x #### 1,800"), 1800.0)
+    assert not is_correct(extract_answer("x #### 18"), 1800.0)
 
 
 def test_load_release_splits():

@@ -86,14 +86,14 @@ def test_equation_rationales_commute():
             x = int(r)
 
     swapped = [ex for ex in splits["train"] if any(
-        op in "+*" and line == synthetic.rationale_line(op, x, k, r, swap=True) != synthetic.rationale_line(op, x, k, r)
+        op in "+*" and line == synthetic.equation(op, x, k, r, swap=True) != synthetic.equation(op, x, k, r)
         for x, op, k, r, line in steps(ex))]
     assert 0.3 < len(swapped) / len(splits["train"]) < 0.95
 
     # the other order of every commutable line is also a correct rationale, and it is kept as a pseudo-label
     ex = next(e for e in splits["train"] if next(steps(e))[1] in "+*")
     x, op, k, r, first = next(steps(ex))
-    flipped = synthetic.rationale_line(op, x, k, r, swap=first == synthetic.rationale_line(op, x, k, r))
+    flipped = synthetic.equation(op, x, k, r, swap=first == synthetic.equation(op, x, k, r))
     other = ex.answer.replace(first, flipped, 1)
     assert other != ex.answer and gsm8k.is_correct(gsm8k.extract_answer(other), ex.gold)
     labels = builders.build_pseudo_labels(
@@ -113,7 +113,7 @@ def test_commute_zero_writes_one_order():
     with pytest.raises(ValueError, match="commute"):
         Difficulty(commute=1.5)
     with pytest.raises(ValueError, match="does not commute"):
-        synthetic.rationale_line("-", 5, 2, 3, swap=True)
+        synthetic.equation("-", 5, 2, 3, swap=True)
 
 
 def test_sentence_rationales(splits):
