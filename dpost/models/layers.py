@@ -143,11 +143,6 @@ def causal_padding_mask(token_mask: jax.Array) -> jax.Array:
     return mask
 
 
-def padding_mask(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """Bidirectional mask [B, Tq, Tk] from query and key validity."""
-    return query_mask[:, :, None].astype(bool) & key_mask[:, None, :].astype(bool)
-
-
 def positions_from_mask(token_mask: jax.Array) -> jax.Array:
     """Position ids that skip left padding: 0 at the first real token."""
     return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
