@@ -203,7 +203,7 @@ def make_loader(items: Sequence[Item], *, batch_size: int, pad_id: int, max_prom
     the training run, do not depend on the number of hosts. ``num_epochs=None`` repeats forever
     (step-driven training). Training (``drop_remainder``): the data are cut to a multiple of
     ``shard_count``, batches run on across epoch boundaries and a final partial batch is dropped,
-    so every host runs the same number of steps (``num_batches``). Evaluation
+    so every host runs the same number of steps. Evaluation
     (``drop_remainder=False``, usually ``shuffle=False``): the data are padded with filler rows
     (``valid`` 0) to whole batches on every host, so nothing is lost and hosts stay in lockstep.
     """
