@@ -54,11 +54,15 @@ difference.
   stage: `--config.eval.final_replicates=4`): DPO-ST - ST +2.2, 95% CI [+0.5, +4.0] (98.33%: [+0.0,
   +4.3]); the protocol's models alone (replicate 0) +0.1 [-2.1, +2.3] (README). Eighth final (seeds
   50-57, the seventh's plan unchanged, pre-registered as its confirmation): +0.3 [-2.6, +3.1], not
-  confirmed; seeds 42-57 pooled +1.2 [-0.7, +3.0]: no difference (README).
-All fifteen fine-tuned one M0 (`pretrain.seed=0`); on dev, M0s drawn with `pretrain.seed` 1 and 2
-moved ST's final from 82% to 94% and 49.5% (docs/experiments.md): these results hold for that M0.
-`model.remat=full` came after the finals: for speed (one seed 0.92x the time), the same math with
-other fp32 rounding, so a seed's numbers can differ slightly from the finals' tables.
+  confirmed; seeds 42-57 pooled +1.2 [-0.7, +3.0]: no difference (docs/experiments.md). Ninth final
+  (seeds 60-74, this config unchanged, pre-registered, the protocol's models): +0.0 [-2.8, +2.7];
+  every config-C seed pooled (finals 5-9, 49 seeds, the protocol's models): +0.2 [-1.3, +1.7] (99%:
+  [-1.7, +2.1]): no difference (README).
+Finals 1-3 fine-tuned one M0 and finals 4-9 another of the same recipe (`pretrain.seed=0`); on
+dev, M0s drawn with `pretrain.seed` 1 and 2 moved ST's final from 82% to 94% and 49.5%
+(docs/experiments.md): these results hold for those M0s.
+`model.remat=full` came after finals 1-3: for speed (one seed 0.92x the time), the same math with
+other fp32 rounding, so a seed's numbers can differ slightly from those finals' tables.
 """
 
 from dpost import defaults
