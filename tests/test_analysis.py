@@ -6,6 +6,7 @@ run is checked against a driver run's results.json in tests/test_driver.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 try:
     from dpo_token_shift import first_difference, numeric_steps, token_kind
     from label_funnel import drop_reasons, run_config
+    from label_quality import label_flags, question_entities, run_quality
 finally:
     sys.path.pop(0)
 
@@ -67,3 +69,41 @@ def test_run_config_nests_the_flat_keys(tmp_path):
     config = run_config(epath.Path(tmp_path))
     assert config.model.family == "llama" and config.data.eval_splits == ("dev",)
     assert config.pseudo_labels.cap_percentile == 90
+
+
+QUESTION = "Eli has 15 marbles. Then Eli gives away 5 marbles. How many marbles does Eli have now?"
+GOLD = "Eli gives away 5, so Eli has 15-5=<<15-5=10>>10 marbles.\n#### 10"
+
+
+def test_question_entities_both_numbers():
+    assert question_entities(QUESTION) == {"Eli", "marble", "marbles"}
+
+
+def test_label_flags_by_hand():
+    """(same steps, fewer, more, wrong entity): the calculator results against the gold's, in order."""
+    same = "Taking away 5 leaves 15-5=<<15-5=10>>10.\n#### 10"
+    assert label_flags(same, GOLD, QUESTION) == (True, False, False, False)
+    # a pre-training corpus name and another question's item are both wrong entities
+    assert label_flags("Lu gives away 5, so Lu has 15-5=<<15-5=10>>10 marbles.\n#### 10", GOLD, QUESTION)[3]
+    assert label_flags("Eli has 15-5=<<15-5=10>>10 apples.\n#### 10", GOLD, QUESTION)[3]
+    assert label_flags("Eli has 10 marbles.\n#### 10", GOLD, QUESTION) == (False, True, False, False)
+    two = "Eli has 15+0=<<15+0=15>>15 marble, then 15-5=<<15-5=10>>10.\n#### 10"
+    assert label_flags(two, GOLD, QUESTION) == (False, False, True, False)
+
+
+
+def test_run_quality_skips_the_gold_and_counts_answer_only_questions(tmp_path):
+    """A run folder by hand: the gold label is left out; the other two are one question's each."""
+    (tmp_path / "config.json").write_text('{"config": {"method": "dpo_st"}}')
+    (tmp_path / "data").mkdir()
+    rows = [{"question": QUESTION, "answer": GOLD, "ans": 10.0}, {"question": QUESTION, "answer": GOLD, "ans": 10.0}]
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = [{"id": "train-0", "question": QUESTION, "target": GOLD, "gold": 10.0},
+              {"id": "train-0", "question": QUESTION, "target": "Eli has 10 marbles.\n#### 10", "gold": 10.0},
+              {"id": "train-1", "question": QUESTION, "target": GOLD.replace("Eli", "Lu"), "gold": 10.0}]
+    (tmp_path / "iter_1" / "pseudo_labels").mkdir(parents=True)
+    (tmp_path / "iter_1" / "pseudo_labels" / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    method, rows_by_iteration = run_quality(epath.Path(tmp_path))
+    assert method == "dpo_st" and list(rows_by_iteration) == [1]
+    # beyond gold 2, questions 2, same steps 50%, fewer 50%, more 0%, wrong entity 50%
+    np.testing.assert_allclose(rows_by_iteration[1], [2, 2, 50, 50, 0, 50])
