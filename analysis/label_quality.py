@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -26,12 +25,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from etils import epath  # noqa: E402
 
-from dpost import stages  # noqa: E402
+from dpost import calculator, stages  # noqa: E402
 from dpost.data import gsm8k, synthetic  # noqa: E402
 from dpost.workdir import StageDir  # noqa: E402
+from label_funnel import run_config  # noqa: E402
 
 COLUMNS = ("beyond gold", "questions", "same steps %", "fewer steps %", "more steps %", "wrong entity %")
-CALCULATOR_RESULT = re.compile(r"<<[^<>=]*=([^<>]*)>>")
+# labels keep the dataset's GSM8K annotations (``<<12+5=17>>``) whatever the model family
+_OPEN, _CLOSE = re.escape(calculator.LLAMA_OPEN), re.escape(calculator.LLAMA_CLOSE)
+CALCULATOR_RESULT = re.compile(_OPEN + r"[^<>=]*=([^<>]*)" + _CLOSE)
 ENTITIES = synthetic.NAMES + synthetic.CORPUS_NAMES + tuple(w for i in synthetic.ITEMS for w in (i, i + "s"))
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -52,10 +54,10 @@ def label_flags(target: str, gold_rationale: str, question: str) -> tuple[bool, 
 
 def run_quality(run: epath.Path) -> tuple[str, dict[int, np.ndarray]]:
     """(method, {iteration: the COLUMNS' values}) of one run."""
-    method = json.loads((run / "config.json").read_text())["config"]["method"]
+    config = run_config(run)
     gold = {ex.id: ex for ex in gsm8k.load_jsonl(str(run / "data" / "train.jsonl"), "train")}
     out = {}
-    for k in range(1, 100):
+    for k in range(1, config.iterations + 1):
         stage = run / f"iter_{k}" / "pseudo_labels"
         if not stage.exists():
             break
@@ -64,7 +66,7 @@ def run_quality(run: epath.Path) -> tuple[str, dict[int, np.ndarray]]:
                          dtype=float).reshape(-1, 4)
         percent = 100 * flags.mean(axis=0) if len(labels) else np.zeros(4)
         out[k] = np.array([len(labels), len({r["id"] for r in labels}), *percent])
-    return method, out
+    return config.method, out
 
 
 def main() -> None:

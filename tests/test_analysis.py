@@ -91,10 +91,9 @@ def test_label_flags_by_hand():
     assert label_flags(two, GOLD, QUESTION) == (False, False, True, False)
 
 
-
 def test_run_quality_skips_the_gold_and_counts_answer_only_questions(tmp_path):
     """A run folder by hand: the gold label is left out; the other two are one question's each."""
-    (tmp_path / "config.json").write_text('{"config": {"method": "dpo_st"}}')
+    (tmp_path / "config.json").write_text('{"config": {"method": "dpo_st", "iterations": 2}}')
     (tmp_path / "data").mkdir()
     rows = [{"question": QUESTION, "answer": GOLD, "ans": 10.0}, {"question": QUESTION, "answer": GOLD, "ans": 10.0}]
     (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
